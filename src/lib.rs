@@ -1,0 +1,42 @@
+//! guestmem owns a virtual machine's guest RAM on Linux: it maps it, translates guest-physical
+//! addresses to host memory, gives safe volatile access to it and tracks which pages were
+//! written.
+//!
+//! The layers, bottom to top:
+//!
+//! - [`sys`]: every system call the crate makes, typed and documented.
+//! - [`host`]: process-memory utilities (page sizes, `/proc/self/maps`, protection and lock
+//!   guards).
+//! - [`volatile`]: [`VolatileSlice`] and typed refs over memory that may change under us, the
+//!   copy engine, and I/O straight into and out of that memory.
+//! - [`bitmap`]: dirty tracking ([`Bitmap`](bitmap::Bitmap); `()` tracks nothing).
+//! - [`address`], [`bytes`]: guest addresses, byte-valued types and the [`Bytes`] trait.
+//!
+//! No safe call can make the process crash or touch memory outside a mapping: every access is
+//! bounds checked, writes to read-only memory return an error, and guest memory is never
+//! turned into a Rust reference.
+//!
+//! ```
+//! use guestmem::{Bytes, VolatileMemory, VolatileSlice};
+//! let mut ram = vec![0u8; 4096];
+//! let mem = VolatileSlice::from(&mut ram[..]);
+//! mem.write_obj(0xfeed_u16, 0x10).unwrap();
+//! assert_eq!(mem.read_obj::<u16>(0x10).unwrap(), 0xfeed);
+//! assert!(mem.read_obj::<u64>(4092).is_err());
+//! ```
+
+#![deny(unsafe_op_in_unsafe_fn, missing_docs, missing_debug_implementations)]
+#![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
+
+pub mod address;
+pub mod bitmap;
+pub mod bytes;
+pub mod sys;
+pub mod volatile;
+
+pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};
+pub use bytes::{AtomicAccess, AtomicInteger, Be16, Be32, Be64, ByteValued, Bytes, Le16, Le32, Le64};
+pub use volatile::{
+    AtomicRef, ReadVolatile, ReadVolatileAt, VolatileArrayRef, VolatileError, VolatileMemory, VolatileRef,
+    VolatileSlice, WriteVolatile, WriteVolatileAt,
+};

@@ -1,0 +1,557 @@
+//! Volatile access to memory that another party (a guest, a device, another process) may change
+//! at any time.
+//!
+//! Rust references promise that memory does not change behind them, which guest memory breaks.
+//! So guestmem never creates a `&`/`&mut` to guest memory: it hands out
+//! [`VolatileSlice`]s (a pointer, a length, a dirty-bitmap slice and whether writes are
+//! allowed), typed views ([`VolatileRef`], [`VolatileArrayRef`], [`AtomicRef`]), and copies
+//! bytes in and out with volatile accesses or raw copies.
+//!
+//! Every access is bounds checked and returns [`VolatileError`] rather than panicking. A write
+//! through a slice of read-only memory returns [`VolatileError::ReadOnly`] instead of faulting.
+//! Every successful write marks the bytes it wrote in the slice's bitmap, after the copy.
+//!
+//! ```
+//! use guestmem::{Bytes, VolatileMemory, VolatileSlice};
+//!
+//! let mut backing = vec![0u8; 64];
+//! let slice = VolatileSlice::from(&mut backing[..]);
+//! slice.write_obj(0x1234_5678u32, 8).unwrap();
+//! assert_eq!(slice.read_obj::<u32>(8).unwrap(), 0x1234_5678);
+//! let sub = slice.subslice(8, 4).unwrap();
+//! assert_eq!(sub.read_obj::<u16>(2).unwrap(), 0x1234);
+//! assert!(slice.write_obj(1u64, 60).is_err()); // runs past the end
+//! ```
+
+mod copy;
+pub mod io;
+mod refs;
+
+pub use io::{ReadVolatile, ReadVolatileAt, WriteVolatile, WriteVolatileAt};
+pub use refs::{AtomicRef, VolatileArrayRef, VolatileRef};
+
+use std::marker::PhantomData;
+use std::mem::{align_of, size_of};
+use std::sync::atomic::Ordering;
+
+use crate::bitmap::BitmapSlice;
+use crate::bytes::{AtomicAccess, AtomicInteger, ByteValued, Bytes};
+
+/// Errors of volatile access. Offsets are relative to the slice or memory accessed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolatileError {
+    /// The access does not fit: `offset + len` is past `size`.
+    #[error("access of {len} bytes at offset {offset:#x} runs past the end of {size} bytes")]
+    OutOfBounds {
+        /// Offset of the access.
+        offset: usize,
+        /// Length of the access.
+        len: usize,
+        /// Size of the memory accessed.
+        size: usize,
+    },
+    /// `offset + len` does not fit in `usize`.
+    #[error("access of {len} bytes at offset {offset:#x} overflows the address space")]
+    Overflow {
+        /// Offset of the access.
+        offset: usize,
+        /// Length of the access.
+        len: usize,
+    },
+    /// An array of `count` elements of `elem_size` bytes is larger than `usize`.
+    #[error("{count} elements of {elem_size} bytes overflow the address space")]
+    TooBig {
+        /// Number of elements asked for.
+        count: usize,
+        /// Size of one element.
+        elem_size: usize,
+    },
+    /// An atomic access at a host address not aligned to the access size.
+    #[error("host address {addr:#x} is not aligned to {align} bytes for an atomic access")]
+    Misaligned {
+        /// The host address.
+        addr: usize,
+        /// The alignment the access needs.
+        align: usize,
+    },
+    /// A write to read-only memory.
+    #[error("write of {len} bytes at offset {offset:#x} to read-only memory")]
+    ReadOnly {
+        /// Offset of the write.
+        offset: usize,
+        /// Length of the write.
+        len: usize,
+    },
+    /// A transfer that had to move `expected` bytes stopped after `completed` (end of file,
+    /// a peer that closed, a writer that accepts no more).
+    #[error("transfer stopped after {completed} of {expected} bytes")]
+    PartialBuffer {
+        /// Bytes the call had to move.
+        expected: usize,
+        /// Bytes it moved.
+        completed: usize,
+    },
+    /// An I/O call failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A result of volatile access.
+pub type Result<T> = std::result::Result<T, VolatileError>;
+
+/// `offset + len`, checked against overflow and against `size`.
+#[inline(always)]
+pub(crate) fn check_range(offset: usize, len: usize, size: usize) -> Result<usize> {
+    let end = offset.checked_add(len).ok_or(VolatileError::Overflow { offset, len })?;
+    if end > size {
+        return Err(VolatileError::OutOfBounds { offset, len, size });
+    }
+    Ok(end)
+}
+
+/// Memory that hands out [`VolatileSlice`]s of itself.
+///
+/// Implementors only give [`len`](Self::len) and [`get_slice`](Self::get_slice); the typed
+/// views come from those.
+pub trait VolatileMemory {
+    /// The bitmap slice that slices of this memory carry.
+    type Slice<'a>: BitmapSlice
+    where
+        Self: 'a;
+
+    /// The size in bytes.
+    fn len(&self) -> usize;
+
+    /// Whether the size is 0.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The `count` bytes at `offset`, or an error if they do not fit.
+    fn get_slice(&self, offset: usize, count: usize) -> Result<VolatileSlice<'_, Self::Slice<'_>>>;
+
+    /// A [`VolatileRef`] to the `T` at `offset` (any alignment).
+    fn get_ref<T: ByteValued>(&self, offset: usize) -> Result<VolatileRef<'_, T, Self::Slice<'_>>> {
+        Ok(VolatileRef::from_slice(self.get_slice(offset, size_of::<T>())?))
+    }
+
+    /// A [`VolatileArrayRef`] to `count` elements of type `T` at `offset`.
+    fn get_array_ref<T: ByteValued>(
+        &self,
+        offset: usize,
+        count: usize,
+    ) -> Result<VolatileArrayRef<'_, T, Self::Slice<'_>>> {
+        let elem_size = size_of::<T>();
+        let bytes = count.checked_mul(elem_size).ok_or(VolatileError::TooBig { count, elem_size })?;
+        Ok(VolatileArrayRef::from_slice(self.get_slice(offset, bytes)?, count))
+    }
+
+    /// An [`AtomicRef`] to the atomic integer at `offset`; its host address must be aligned to
+    /// the size of `A` ([`VolatileError::Misaligned`] otherwise).
+    fn get_atomic_ref<A: AtomicInteger>(&self, offset: usize) -> Result<AtomicRef<'_, A, Self::Slice<'_>>> {
+        AtomicRef::from_slice(self.get_slice(offset, size_of::<A>())?)
+    }
+
+    /// `base + offset`, checked against overflow and against [`len`](Self::len).
+    fn compute_end_offset(&self, base: usize, offset: usize) -> Result<usize> {
+        check_range(base, offset, self.len())
+    }
+}
+
+/// A window of memory that may change at any time: a pointer, a length, a bitmap slice to mark
+/// writes in, and whether writes are allowed.
+///
+/// Cheap to copy and pass around; `Send`/`Sync` when its bitmap slice is. All accesses are
+/// bounds checked, volatile or raw copies, and never create a reference to the memory.
+pub struct VolatileSlice<'a, S = ()> {
+    addr: *mut u8,
+    len: usize,
+    bitmap: S,
+    writable: bool,
+    phantom: PhantomData<&'a u8>,
+}
+
+// SAFETY: a VolatileSlice is a pointer to memory that is shared by design; every access is
+// volatile or a raw copy, so sending it or sharing it between threads is as safe as its bitmap.
+unsafe impl<S: Send> Send for VolatileSlice<'_, S> {}
+// SAFETY: as above.
+unsafe impl<S: Sync> Sync for VolatileSlice<'_, S> {}
+
+impl<S: Clone> Clone for VolatileSlice<'_, S> {
+    fn clone(&self) -> Self {
+        VolatileSlice {
+            addr: self.addr,
+            len: self.len,
+            bitmap: self.bitmap.clone(),
+            writable: self.writable,
+            phantom: PhantomData,
+        }
+    }
+}
+
+impl<S: Copy> Copy for VolatileSlice<'_, S> {}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for VolatileSlice<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VolatileSlice")
+            .field("addr", &self.addr)
+            .field("len", &self.len)
+            .field("writable", &self.writable)
+            .field("bitmap", &self.bitmap)
+            .finish()
+    }
+}
+
+impl<'a> VolatileSlice<'a, ()> {
+    /// A slice over `len` bytes at `addr`, writable, with no dirty tracking.
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must be valid for volatile reads and writes for all of `'a`, and no
+    /// Rust reference to any of it may be used during `'a`.
+    pub unsafe fn new(addr: *mut u8, len: usize) -> Self {
+        // SAFETY: the caller's contract is the one `with_bitmap` needs, with writes allowed.
+        unsafe { Self::with_bitmap(addr, len, (), true) }
+    }
+}
+
+impl<'a> From<&'a mut [u8]> for VolatileSlice<'a, ()> {
+    /// A writable, untracked slice over a buffer the slice borrows exclusively.
+    fn from(buf: &'a mut [u8]) -> Self {
+        // SAFETY: `buf` is valid for reads and writes for 'a, and borrowing it mutably for 'a
+        // keeps every other reference away from it while the slice lives.
+        unsafe { Self::new(buf.as_mut_ptr(), buf.len()) }
+    }
+}
+
+impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
+    /// A slice over `len` bytes at `addr` that marks writes in `bitmap` and, when `writable`
+    /// is false, refuses them with [`VolatileError::ReadOnly`].
+    ///
+    /// # Safety
+    /// `[addr, addr + len)` must be valid for volatile reads for all of `'a` (and for writes
+    /// too when `writable`), and no Rust reference to any of it may be used during `'a`.
+    pub unsafe fn with_bitmap(addr: *mut u8, len: usize, bitmap: S, writable: bool) -> Self {
+        VolatileSlice { addr, len, bitmap, writable, phantom: PhantomData }
+    }
+
+    /// The host address of the first byte.
+    ///
+    /// Writes through this pointer are not tracked: mark them with
+    /// [`mark_dirty`](Self::mark_dirty).
+    #[inline]
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    /// The length in bytes.
+    #[inline]
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the length is 0.
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Whether writes are allowed.
+    #[inline]
+    pub fn is_writable(&self) -> bool {
+        self.writable
+    }
+
+    /// The bitmap slice writes are marked in.
+    #[inline]
+    pub fn bitmap(&self) -> &S {
+        &self.bitmap
+    }
+
+    /// Marks `[offset, offset + len)` dirty by hand, for writes made through
+    /// [`as_ptr`](Self::as_ptr) or by a device. Fails if the range is out of bounds.
+    pub fn mark_dirty(&self, offset: usize, len: usize) -> Result<()> {
+        check_range(offset, len, self.len)?;
+        self.bitmap.mark_dirty(offset, len);
+        Ok(())
+    }
+
+    /// An `iovec` over the slice, for vectored system calls.
+    ///
+    /// Writes the kernel makes through it (a `readv`) are not tracked: use
+    /// [`ReadVolatile::read_vectored_volatile`], or [`mark_dirty`](Self::mark_dirty).
+    pub fn as_iovec(&self) -> libc::iovec {
+        libc::iovec { iov_base: self.addr.cast(), iov_len: self.len }
+    }
+
+    /// Fails with [`VolatileError::ReadOnly`] if writes to `[offset, offset + len)` are not
+    /// allowed.
+    #[inline(always)]
+    fn check_writable(&self, offset: usize, len: usize) -> Result<()> {
+        if self.writable {
+            Ok(())
+        } else {
+            Err(VolatileError::ReadOnly { offset, len })
+        }
+    }
+
+    /// The `count` bytes at `offset`.
+    #[inline]
+    pub fn subslice(&self, offset: usize, count: usize) -> Result<Self> {
+        check_range(offset, count, self.len)?;
+        // SAFETY: `[offset, offset + count)` lies inside this slice (checked), so the
+        // sub-range inherits this slice's validity for 'a and its write permission.
+        Ok(unsafe { self.subslice_unchecked(offset, count) })
+    }
+
+    /// The sub-slice at `offset` with no check.
+    ///
+    /// # Safety
+    /// `offset + count <= self.len()`.
+    #[inline(always)]
+    pub(crate) unsafe fn subslice_unchecked(&self, offset: usize, count: usize) -> Self {
+        VolatileSlice {
+            // SAFETY: `offset <= len`, so the result stays inside (or one past) the slice.
+            addr: unsafe { self.addr.add(offset) },
+            len: count,
+            bitmap: self.bitmap.slice_at(offset),
+            writable: self.writable,
+            phantom: PhantomData,
+        }
+    }
+
+    /// Everything from `count` bytes in to the end.
+    pub fn offset(&self, count: usize) -> Result<Self> {
+        if count > self.len {
+            return Err(VolatileError::OutOfBounds { offset: count, len: 0, size: self.len });
+        }
+        self.subslice(count, self.len - count)
+    }
+
+    /// The slice split in two at `mid`.
+    pub fn split_at(&self, mid: usize) -> Result<(Self, Self)> {
+        let end = self.offset(mid)?;
+        // SAFETY: `mid <= len`, checked by `offset`.
+        let start = unsafe { self.subslice_unchecked(0, mid) };
+        Ok((start, end))
+    }
+
+    /// Copies as many whole `T`s as fit in both into `buf`; returns the count of `T`s copied.
+    ///
+    /// One bulk copy, not a loop per element: individual elements are not guaranteed untorn
+    /// against a concurrent writer (use [`VolatileArrayRef::load`] for that).
+    pub fn copy_to<T: ByteValued>(&self, buf: &mut [T]) -> usize {
+        let Some(count) = self.len.checked_div(size_of::<T>()) else { return 0 };
+        let count = count.min(buf.len());
+        // SAFETY: `count * size_of::<T>()` bytes fit in this slice (count <= len / size) and
+        // in `buf` (count <= buf.len()); `buf` is host memory we borrow mutably, and `T:
+        // FromBytes` accepts any bytes.
+        unsafe { copy::copy_nonoverlapping(self.addr, buf.as_mut_ptr().cast(), count * size_of::<T>()) };
+        count
+    }
+
+    /// Copies as many whole `T`s of `buf` as fit into the slice; returns the count copied.
+    pub fn copy_from<T: ByteValued>(&self, buf: &[T]) -> Result<usize> {
+        let Some(count) = self.len.checked_div(size_of::<T>()) else { return Ok(0) };
+        let count = count.min(buf.len());
+        let bytes = count * size_of::<T>();
+        self.check_writable(0, bytes)?;
+        // SAFETY: `bytes` fit in the slice and in `buf` (as in `copy_to`); the slice is
+        // writable (checked); `T: IntoBytes` has every byte initialized.
+        unsafe { copy::copy_nonoverlapping(buf.as_ptr().cast(), self.addr, bytes) };
+        self.bitmap.mark_dirty(0, bytes);
+        Ok(count)
+    }
+
+    /// Copies as many bytes as fit in both into `dst` (the two may overlap); returns the count.
+    pub fn copy_to_volatile_slice<T: BitmapSlice>(&self, dst: &VolatileSlice<'_, T>) -> Result<usize> {
+        let count = self.len.min(dst.len);
+        dst.check_writable(0, count)?;
+        // SAFETY: `count` bytes are valid for reads here and for writes in `dst` (a writable
+        // slice, checked); `copy_overlapping` allows the two to overlap.
+        unsafe { copy::copy_overlapping(self.addr, dst.addr, count) };
+        dst.bitmap.mark_dirty(0, count);
+        Ok(count)
+    }
+
+    /// Copies as many bytes of `src` as fit into this slice; returns the count.
+    pub fn copy_from_volatile_slice<T: BitmapSlice>(&self, src: &VolatileSlice<'_, T>) -> Result<usize> {
+        src.copy_to_volatile_slice(self)
+    }
+
+    /// Sets every byte to `value` (e.g. 0 to clear).
+    pub fn fill(&self, value: u8) -> Result<()> {
+        self.check_writable(0, self.len)?;
+        // SAFETY: the whole slice is valid for writes (writable, checked).
+        unsafe { copy::fill(self.addr, value, self.len) };
+        self.bitmap.mark_dirty(0, self.len);
+        Ok(())
+    }
+
+    /// Host address of `offset` after checking that `len` bytes fit there.
+    #[inline(always)]
+    fn host_addr(&self, offset: usize, len: usize) -> Result<*mut u8> {
+        check_range(offset, len, self.len)?;
+        // SAFETY: `offset <= len` (checked above), so the pointer stays inside the slice.
+        Ok(unsafe { self.addr.add(offset) })
+    }
+
+    /// Reads into `buf` from `offset`, `count` bytes, already bounds checked.
+    ///
+    /// # Safety
+    /// `offset + count <= self.len` and `count <= buf.len()`.
+    #[inline(always)]
+    unsafe fn read_unchecked(&self, buf: &mut [u8], offset: usize, count: usize) {
+        // SAFETY: the caller guarantees both ranges; `buf` is a host buffer we borrow mutably.
+        unsafe { copy::copy_nonoverlapping(self.addr.add(offset), buf.as_mut_ptr(), count) }
+    }
+
+    /// Writes `count` bytes of `buf` at `offset`, already bounds checked, and marks them.
+    ///
+    /// # Safety
+    /// `offset + count <= self.len` and `count <= buf.len()`.
+    #[inline(always)]
+    unsafe fn write_unchecked(&self, buf: &[u8], offset: usize, count: usize) -> Result<()> {
+        self.check_writable(offset, count)?;
+        // SAFETY: the caller guarantees both ranges; the slice is writable (checked).
+        unsafe { copy::copy_nonoverlapping(buf.as_ptr(), self.addr.add(offset), count) };
+        self.bitmap.mark_dirty(offset, count);
+        Ok(())
+    }
+
+    /// The part of the slice `[addr, addr + count)` clipped to the end, for the "as much as
+    /// fits" calls. `addr == len` gives an empty slice; beyond is out of bounds.
+    fn clip(&self, addr: usize, count: usize) -> Result<Self> {
+        if addr > self.len {
+            return Err(VolatileError::OutOfBounds { offset: addr, len: count, size: self.len });
+        }
+        let count = count.min(self.len - addr);
+        // SAFETY: `addr + count <= len` by construction.
+        Ok(unsafe { self.subslice_unchecked(addr, count) })
+    }
+}
+
+impl<S: BitmapSlice> VolatileMemory for VolatileSlice<'_, S> {
+    type Slice<'b>
+        = S
+    where
+        Self: 'b;
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn get_slice(&self, offset: usize, count: usize) -> Result<VolatileSlice<'_, S>> {
+        self.subslice(offset, count)
+    }
+}
+
+impl<S: BitmapSlice> Bytes<usize> for VolatileSlice<'_, S> {
+    type E = VolatileError;
+
+    fn write(&self, buf: &[u8], addr: usize) -> Result<usize> {
+        let dst = self.clip(addr, buf.len())?;
+        // SAFETY: `dst.len <= buf.len()` and it is a range of this slice.
+        unsafe { dst.write_unchecked(buf, 0, dst.len)? };
+        Ok(dst.len)
+    }
+
+    fn read(&self, buf: &mut [u8], addr: usize) -> Result<usize> {
+        let src = self.clip(addr, buf.len())?;
+        // SAFETY: `src.len <= buf.len()` and it is a range of this slice.
+        unsafe { src.read_unchecked(buf, 0, src.len) };
+        Ok(src.len)
+    }
+
+    #[inline]
+    fn write_slice(&self, buf: &[u8], addr: usize) -> Result<()> {
+        check_range(addr, buf.len(), self.len)?;
+        // SAFETY: `addr + buf.len() <= len`, checked above.
+        unsafe { self.write_unchecked(buf, addr, buf.len()) }
+    }
+
+    #[inline]
+    fn read_slice(&self, buf: &mut [u8], addr: usize) -> Result<()> {
+        check_range(addr, buf.len(), self.len)?;
+        let len = buf.len();
+        // SAFETY: `addr + buf.len() <= len`, checked above.
+        unsafe { self.read_unchecked(buf, addr, len) };
+        Ok(())
+    }
+
+    #[inline]
+    fn write_obj<T: ByteValued>(&self, val: T, addr: usize) -> Result<()> {
+        let dst = self.host_addr(addr, size_of::<T>())?;
+        self.check_writable(addr, size_of::<T>())?;
+        // SAFETY: `size_of::<T>()` bytes at `dst` lie in this writable slice (checked).
+        unsafe { copy::store_obj(val, dst) };
+        self.bitmap.mark_dirty(addr, size_of::<T>());
+        Ok(())
+    }
+
+    #[inline]
+    fn read_obj<T: ByteValued>(&self, addr: usize) -> Result<T> {
+        let src = self.host_addr(addr, size_of::<T>())?;
+        // SAFETY: `size_of::<T>()` bytes at `src` lie in this slice (checked).
+        Ok(unsafe { copy::load_obj(src) })
+    }
+
+    fn read_volatile_from<F: ReadVolatile + ?Sized>(
+        &self,
+        addr: usize,
+        src: &mut F,
+        count: usize,
+    ) -> Result<usize> {
+        src.read_volatile(&self.clip(addr, count)?)
+    }
+
+    fn read_exact_volatile_from<F: ReadVolatile + ?Sized>(
+        &self,
+        addr: usize,
+        src: &mut F,
+        count: usize,
+    ) -> Result<()> {
+        src.read_exact_volatile(&self.subslice(addr, count)?)
+    }
+
+    fn write_volatile_to<F: WriteVolatile + ?Sized>(
+        &self,
+        addr: usize,
+        dst: &mut F,
+        count: usize,
+    ) -> Result<usize> {
+        dst.write_volatile(&self.clip(addr, count)?)
+    }
+
+    fn write_all_volatile_to<F: WriteVolatile + ?Sized>(
+        &self,
+        addr: usize,
+        dst: &mut F,
+        count: usize,
+    ) -> Result<()> {
+        dst.write_all_volatile(&self.subslice(addr, count)?)
+    }
+
+    #[inline]
+    fn store<T: AtomicAccess>(&self, val: T, addr: usize, order: Ordering) -> Result<()> {
+        self.get_atomic_ref::<T::A>(addr)?.store(val, order)
+    }
+
+    #[inline]
+    fn load<T: AtomicAccess>(&self, addr: usize, order: Ordering) -> Result<T> {
+        Ok(self.get_atomic_ref::<T::A>(addr)?.load(order))
+    }
+}
+
+/// Fails with [`VolatileError::Misaligned`] unless `addr` is aligned for `T`.
+#[inline(always)]
+pub(crate) fn check_alignment<T>(addr: *const u8) -> Result<()> {
+    let align = align_of::<T>();
+    if copy::is_aligned(addr as usize, align) {
+        Ok(())
+    } else {
+        Err(VolatileError::Misaligned { addr: addr as usize, align })
+    }
+}
+
+#[cfg(test)]
+mod tests;
