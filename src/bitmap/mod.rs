@@ -10,9 +10,9 @@
 //! ```
 //! use guestmem::bitmap::{Bitmap, BitmapSlice};
 //! let b = ();
-//! b.mark_dirty(0, 4096);
-//! assert!(!b.dirty_at(0));
-//! assert!(!b.slice_at(100).dirty_at(0));
+//! Bitmap::mark_dirty(&b, 0, 4096);
+//! assert!(!Bitmap::dirty_at(&b, 0));
+//! assert!(!BitmapSlice::dirty_at(&Bitmap::slice_at(&b, 100), 0));
 //! ```
 
 use std::fmt::Debug;

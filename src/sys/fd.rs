@@ -260,20 +260,20 @@ pub unsafe fn write(fd: BorrowedFd<'_>, buf: *const u8, len: usize) -> io::Resul
     cvt_long(unsafe { libc::write(fd.as_raw_fd(), buf.cast(), len) }).map(|n| n as usize)
 }
 
-/// `pread(2)`: [`read`] at a file offset, without moving the file position.
+/// `pread(2)`: [`read()`] at a file offset, without moving the file position.
 ///
 /// # Safety
-/// As for [`read`].
+/// As for [`read()`].
 pub unsafe fn pread(fd: BorrowedFd<'_>, buf: *mut u8, len: usize, offset: u64) -> io::Result<usize> {
     let off = offset_arg(offset)?;
     // SAFETY: the caller guarantees the destination is writable memory it may change.
     cvt_long(unsafe { libc::pread(fd.as_raw_fd(), buf.cast(), len, off) }).map(|n| n as usize)
 }
 
-/// `pwrite(2)`: [`write`] at a file offset, without moving the file position.
+/// `pwrite(2)`: [`write()`] at a file offset, without moving the file position.
 ///
 /// # Safety
-/// As for [`write`].
+/// As for [`write()`].
 pub unsafe fn pwrite(fd: BorrowedFd<'_>, buf: *const u8, len: usize, offset: u64) -> io::Result<usize> {
     let off = offset_arg(offset)?;
     // SAFETY: the caller guarantees the source is readable.

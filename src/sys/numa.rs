@@ -59,6 +59,8 @@ pub const MAX_NODES: usize = 1024;
 /// over the nodes in `nodes` (each below [`MAX_NODES`]).
 ///
 /// Placement only: the contents of the range do not change, and the kernel validates the range.
+// `addr` is only handed to the kernel, which checks it; nothing here dereferences it.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn mbind(addr: *mut u8, len: usize, mode: MemPolicy, nodes: &[u32], flags: MbindFlags) -> io::Result<()> {
     let mut mask = [0u64; MAX_NODES / 64];
     for &n in nodes {
@@ -83,6 +85,8 @@ pub fn mbind(addr: *mut u8, len: usize, mode: MemPolicy, nodes: &[u32], flags: M
 }
 
 /// `get_mempolicy(2)` with `MPOL_F_ADDR`: the policy and node set that govern `addr`.
+// `addr` is only handed to the kernel, which checks it; nothing here dereferences it.
+#[allow(clippy::not_unsafe_ptr_arg_deref)]
 pub fn get_mempolicy(addr: *const u8) -> io::Result<(MemPolicy, Vec<u32>)> {
     const MPOL_F_ADDR: libc::c_ulong = 2;
     let mut mode: libc::c_int = 0;

@@ -25,9 +25,9 @@ pub(crate) fn is_aligned(addr: usize, align: usize) -> bool {
 pub(crate) unsafe fn load_obj<T: ByteValued>(src: *const u8) -> T {
     let size = size_of::<T>();
     let addr = src as usize;
-    // Each arm reads `size` bytes, as the caller allows. Reinterpreting the integer as `T` with
-    // `transmute_copy` is sound because the sizes match and `T: FromBytes` accepts any bytes.
-    // SAFETY (all arms): see above; the width-specific arms checked alignment for their type.
+    // SAFETY: each arm reads `size` bytes, as the caller allows; the width-specific arms
+    // checked alignment for their type. Reinterpreting the integer as `T` with `transmute_copy`
+    // is sound because the sizes match and `T: FromBytes` accepts any bytes.
     unsafe {
         match size {
             1 => std::mem::transmute_copy(&ptr::read_volatile(src)),
@@ -51,9 +51,9 @@ pub(crate) unsafe fn load_obj<T: ByteValued>(src: *const u8) -> T {
 pub(crate) unsafe fn store_obj<T: ByteValued>(val: T, dst: *mut u8) {
     let size = size_of::<T>();
     let addr = dst as usize;
-    // Reading `val` as an integer of its own size is sound: `T: IntoBytes` has no padding, so
-    // every byte is initialized. The arms write `size` bytes, as the caller allows.
-    // SAFETY (all arms): see above; the width-specific arms checked alignment for their type.
+    // SAFETY: each arm writes `size` bytes, as the caller allows; the width-specific arms
+    // checked alignment for their type. Reading `val` as an integer of its own size is sound:
+    // `T: IntoBytes` has no padding, so every byte is initialized.
     unsafe {
         match size {
             1 => ptr::write_volatile(dst, std::mem::transmute_copy::<T, u8>(&val)),
