@@ -40,3 +40,8 @@ pub use volatile::{
     AtomicRef, ReadVolatile, ReadVolatileAt, VolatileArrayRef, VolatileError, VolatileMemory, VolatileRef,
     VolatileSlice, WriteVolatile, WriteVolatileAt,
 };
+
+/// The README's Rust snippets, run as doctests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -416,8 +416,14 @@ mod tests {
         let (s, bm) = tracked(&mut mem, false);
         assert!(matches!(f.read_volatile_at(&s, 0), Err(VolatileError::ReadOnly { offset: 0, len: 8 })));
         assert!(matches!(f.read_volatile(&s), Err(VolatileError::ReadOnly { .. })));
-        assert!(matches!(f.read_vectored_volatile(std::slice::from_ref(&s)), Err(VolatileError::ReadOnly { .. })));
-        assert!(matches!(f.read_vectored_volatile_at(std::slice::from_ref(&s), 0), Err(VolatileError::ReadOnly { .. })));
+        assert!(matches!(
+            f.read_vectored_volatile(std::slice::from_ref(&s)),
+            Err(VolatileError::ReadOnly { .. })
+        ));
+        assert!(matches!(
+            f.read_vectored_volatile_at(std::slice::from_ref(&s), 0),
+            Err(VolatileError::ReadOnly { .. })
+        ));
         assert!(matches!((&[1u8, 2][..]).read_volatile(&s), Err(VolatileError::ReadOnly { .. })));
         assert!(matches!(Cursor::new(vec![1u8]).read_volatile(&s), Err(VolatileError::ReadOnly { .. })));
         // Reading *from* read-only memory is fine.
