@@ -31,6 +31,7 @@
 pub mod address;
 pub mod bitmap;
 pub mod bytes;
+pub mod host;
 pub mod sys;
 pub mod volatile;
 
