@@ -32,6 +32,7 @@ pub mod address;
 pub mod bitmap;
 pub mod bytes;
 pub mod host;
+pub mod mmap;
 pub mod sys;
 pub mod volatile;
 

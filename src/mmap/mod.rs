@@ -1,0 +1,870 @@
+//! Mapped memory: [`MmapRegion`], built by [`MmapRegionBuilder`].
+//!
+//! An `MmapRegion<B>` is one contiguous mapping (anonymous, a file at an offset, a new memfd,
+//! or a file on hugetlbfs) with a dirty bitmap `B` sized for it. The builder checks everything
+//! the kernel would otherwise turn into a crash later (a file shorter than the mapping, sizes
+//! that are not multiples of the page size, `MAP_FIXED` outside our own reservation), applies
+//! the policies a VMM wants (guard pages, alignment, huge pages, prefault, mlock, core-dump and
+//! fork exclusion, KSM, NUMA), and reports every option the kernel refuses as an error naming
+//! that option, never as a silent fallback.
+//!
+//! ```
+//! use guestmem::mmap::{Backing, HugePageSize, MemfdOptions, MmapRegionBuilder};
+//! use guestmem::{Bytes, VolatileMemory};
+//!
+//! let region = MmapRegionBuilder::<()>::new(4 << 20)
+//!     .backing(Backing::Memfd(MemfdOptions::new("guest-ram").sealed(true)))
+//!     .guard_pages(1)
+//!     .align(2 << 20)
+//!     .dont_dump(true)
+//!     .build()
+//!     .unwrap();
+//! assert_eq!(region.as_ptr() as usize % (2 << 20), 0);
+//! region.as_volatile_slice().write_obj(42u64, 0x1000).unwrap();
+//! assert!(region.file_offset().is_some()); // the memfd, for vhost-user
+//! ```
+
+mod options;
+mod reservation;
+
+pub use options::{Backing, FileOffset, HugePageSize, Lock, MemfdOptions, NumaPolicy, Populate};
+pub use reservation::Reservation;
+
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
+
+use crate::bitmap::{Bitmap, NewBitmap};
+use crate::sys::{
+    self, Advice, FallocateMode, MapFlags, MbindFlags, MemfdFlags, Mlock2Flags, Protection, Seals,
+};
+use crate::volatile::{self, VolatileMemory, VolatileSlice};
+
+/// Errors of building or managing an [`MmapRegion`].
+#[derive(Debug, thiserror::Error)]
+pub enum MmapError {
+    /// A region or reservation of size 0.
+    #[error("a mapping of size 0 was asked for")]
+    ZeroSize,
+    /// A protection guest memory cannot have (it must at least be readable).
+    #[error("protection {0:?} is not usable for guest memory: it must include READ")]
+    InvalidProtection(Protection),
+    /// An alignment that is not a power of two.
+    #[error("alignment {0:#x} is not a power of two")]
+    InvalidAlignment(usize),
+    /// A size, offset or address that is not a multiple of the backing's page size.
+    #[error("{what} {value:#x} is not a multiple of the page size {page_size:#x}")]
+    Unaligned {
+        /// Which number: "size", "file offset", "address", "discard offset", ...
+        what: &'static str,
+        /// The number.
+        value: u64,
+        /// The page size it must be a multiple of.
+        page_size: u64,
+    },
+    /// `offset + size` does not fit in 64 bits (or the address space).
+    #[error("offset {offset:#x} + size {size:#x} overflows")]
+    Overflow {
+        /// The offset.
+        offset: u64,
+        /// The size.
+        size: usize,
+    },
+    /// A regular file (or memfd) that ends before `offset + size`: mapping it would raise
+    /// SIGBUS on the first touch past its end.
+    #[error("file of {file_size:#x} bytes is shorter than offset {offset:#x} + size {size:#x}")]
+    FileTooShort {
+        /// The file's size.
+        file_size: u64,
+        /// The offset of the mapping in the file.
+        offset: u64,
+        /// The size of the mapping.
+        size: usize,
+    },
+    /// Options that cannot go together, or an option the backing cannot honour.
+    #[error("option {option}: {reason}")]
+    InvalidOption {
+        /// The option.
+        option: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+    /// A placement that does not fit in the reservation.
+    #[error("placement of {size:#x} bytes at offset {offset:#x} is outside the reservation of {reservation_len:#x} bytes")]
+    OutsideReservation {
+        /// Offset in the reservation.
+        offset: usize,
+        /// Bytes to place (guard pages included).
+        size: usize,
+        /// Length of the reservation.
+        reservation_len: usize,
+    },
+    /// A placement over part of the reservation another region uses.
+    #[error("placement of {size:#x} bytes at offset {offset:#x} overlaps the region at {used_offset:#x} ({used_size:#x} bytes)")]
+    ReservationOverlap {
+        /// Offset asked for.
+        offset: usize,
+        /// Bytes asked for.
+        size: usize,
+        /// Offset of the region in the way.
+        used_offset: usize,
+        /// Bytes of the region in the way.
+        used_size: usize,
+    },
+    /// `mmap(2)` failed.
+    #[error("mmap of {size:#x} bytes failed: {source}")]
+    Mmap {
+        /// Bytes asked for.
+        size: usize,
+        /// The error.
+        source: io::Error,
+    },
+    /// A system call the backing needs (`fstat`, `memfd_create`, `ftruncate`, seals, `mincore`)
+    /// failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The call.
+        op: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// The kernel refused an option.
+    #[error("option {option} was refused by the kernel: {source}")]
+    OptionRefused {
+        /// The option.
+        option: &'static str,
+        /// The error.
+        source: io::Error,
+    },
+    /// A range that is not inside the region.
+    #[error("range of {len:#x} bytes at offset {offset:#x} is outside the region of {size:#x} bytes")]
+    OutOfRange {
+        /// Offset of the range.
+        offset: usize,
+        /// Length of the range.
+        len: usize,
+        /// Size of the region.
+        size: usize,
+    },
+    /// A discard of read-only memory.
+    #[error("cannot discard {len:#x} bytes at offset {offset:#x} of read-only memory")]
+    ReadOnly {
+        /// Offset of the range.
+        offset: usize,
+        /// Length of the range.
+        len: usize,
+    },
+    /// The kernel refused to discard.
+    #[error("discard of {len:#x} bytes at offset {offset:#x} failed: {source}")]
+    Discard {
+        /// Offset of the range.
+        offset: usize,
+        /// Length of the range.
+        len: usize,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+/// What backs the memory, as discard needs to know it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    AnonPrivate,
+    AnonShared,
+    /// A shared mapping of a file or memfd: freeing means punching a hole in the file.
+    FileShared,
+    /// A private (copy-on-write) mapping of a file: freeing means mapping anonymous memory
+    /// over the range, or the file's bytes come back.
+    FilePrivate,
+    /// Adopted with `build_raw`: we do not know.
+    Unknown,
+}
+
+/// How the mapping goes away.
+#[derive(Debug)]
+enum Ownership {
+    /// `munmap(start, len)` on drop (guard pages included).
+    Owned { start: *mut u8, len: usize },
+    /// Give `[offset, ...)` back to the reservation on drop.
+    InReservation { reservation: Arc<Reservation>, offset: usize },
+    /// Adopted with `build_raw`: not ours to unmap.
+    Borrowed,
+}
+
+/// One contiguous mapping of guest memory, with a dirty bitmap `B` sized for it.
+///
+/// Unmapped when dropped (unless adopted with [`MmapRegionBuilder::build_raw`]). Implements
+/// [`VolatileMemory`]: slices of it carry its protection (writes to a read-only region are
+/// refused) and its bitmap (writes are marked).
+#[derive(Debug)]
+pub struct MmapRegion<B = ()> {
+    addr: *mut u8,
+    size: usize,
+    bitmap: B,
+    file_offset: Option<FileOffset>,
+    prot: Protection,
+    flags: MapFlags,
+    page_size: usize,
+    hugetlbfs: bool,
+    kind: Kind,
+    ownership: Ownership,
+}
+
+// SAFETY: the region owns its mapping (or, for build_raw, the caller promised it is valid for
+// the region's life); all access to it is volatile or raw copies, so it can move between and be
+// shared by threads as far as its bitmap can.
+unsafe impl<B: Send> Send for MmapRegion<B> {}
+// SAFETY: as above.
+unsafe impl<B: Sync> Sync for MmapRegion<B> {}
+
+impl<B> MmapRegion<B> {
+    /// The host address of the first byte. Writes through it are not tracked: mark them with
+    /// [`Bitmap::mark_dirty`] on [`bitmap`](Self::bitmap).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    /// The size in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    /// The file and offset behind the mapping (the memfd for a memfd backing).
+    pub fn file_offset(&self) -> Option<&FileOffset> {
+        self.file_offset.as_ref()
+    }
+
+    /// The protection.
+    pub fn protection(&self) -> Protection {
+        self.prot
+    }
+
+    /// The `mmap` flags used.
+    pub fn flags(&self) -> MapFlags {
+        self.flags
+    }
+
+    /// Whether the region unmaps its memory when dropped (false for `build_raw`).
+    pub fn owned(&self) -> bool {
+        !matches!(self.ownership, Ownership::Borrowed)
+    }
+
+    /// The backing's real page size: the huge page size for hugetlb memory, otherwise the base
+    /// page size.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// Whether the memory is hugetlb memory (a hugetlbfs file, `MFD_HUGETLB` or `MAP_HUGETLB`),
+    /// as detected from the kernel.
+    pub fn is_hugetlbfs(&self) -> bool {
+        self.hugetlbfs
+    }
+
+    /// The dirty bitmap.
+    pub fn bitmap(&self) -> &B {
+        &self.bitmap
+    }
+
+    /// Whether both regions map overlapping parts of the same file (compared by device and
+    /// inode, not by fd number).
+    pub fn fds_overlap<T>(&self, other: &MmapRegion<T>) -> Result<bool, MmapError> {
+        let (Some(a), Some(b)) = (&self.file_offset, &other.file_offset) else { return Ok(false) };
+        let sa = sys::fstat(a.file().as_fd()).map_err(|source| MmapError::Os { op: "fstat", source })?;
+        let sb = sys::fstat(b.file().as_fd()).map_err(|source| MmapError::Os { op: "fstat", source })?;
+        if !sa.same_inode(&sb) {
+            return Ok(false);
+        }
+        let (a0, b0) = (a.start() as u128, b.start() as u128);
+        Ok(a0 < b0 + other.size as u128 && b0 < a0 + self.size as u128)
+    }
+
+    /// Checks that `[offset, offset + len)` is a non-empty range inside the region, aligned to
+    /// `align`.
+    fn check_subrange(&self, offset: usize, len: usize, align: usize) -> Result<(), MmapError> {
+        volatile::check_range(offset, len, self.size).map_err(|_| MmapError::OutOfRange {
+            offset,
+            len,
+            size: self.size,
+        })?;
+        if len == 0 {
+            return Err(MmapError::ZeroSize);
+        }
+        for (what, value) in [("offset", offset), ("length", len)] {
+            if value % align != 0 {
+                return Err(MmapError::Unaligned { what, value: value as u64, page_size: align as u64 });
+            }
+        }
+        Ok(())
+    }
+
+    /// How many base pages of `[offset, offset + len)` are resident in RAM (`mincore(2)`;
+    /// swapped-out pages count as not resident). `offset` is rounded down to a page.
+    pub fn resident_pages(&self, offset: usize, len: usize) -> Result<usize, MmapError> {
+        volatile::check_range(offset, len, self.size).map_err(|_| MmapError::OutOfRange {
+            offset,
+            len,
+            size: self.size,
+        })?;
+        let page = sys::page_size();
+        let start = offset - offset % page;
+        let len = len + (offset - start);
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: `start` is inside the region (offset <= size), so the pointer stays in it.
+        let addr = unsafe { self.addr.add(start) };
+        sys::mincore(addr, len, &mut vec).map_err(|source| MmapError::Os { op: "mincore", source })?;
+        Ok(vec.iter().filter(|&&b| b & 1 != 0).count())
+    }
+}
+
+impl<B: Bitmap> MmapRegion<B> {
+    /// Frees the memory of `[offset, offset + len)` (both multiples of
+    /// [`page_size`](Self::page_size)): afterwards it reads as zeros and no longer uses RAM (or
+    /// file blocks). The method fits the backing:
+    ///
+    /// - private anonymous: `MADV_DONTNEED`;
+    /// - shared anonymous: `MADV_REMOVE`;
+    /// - memfd, shared file, hugetlbfs: `fallocate(PUNCH_HOLE | KEEP_SIZE)` on the file
+    ///   (`MADV_REMOVE` if the filesystem cannot punch holes);
+    /// - private file (a restored snapshot): anonymous memory mapped over the range, because
+    ///   `MADV_DONTNEED` would bring the file's bytes back.
+    ///
+    /// The range is marked dirty: its contents changed (to zeros), which a migration must send.
+    /// Read-only regions are refused.
+    pub fn discard(&self, offset: usize, len: usize) -> Result<(), MmapError> {
+        self.check_subrange(offset, len, self.page_size)?;
+        if !self.prot.is_writable() {
+            return Err(MmapError::ReadOnly { offset, len });
+        }
+        // SAFETY: offset < size (checked), so the pointer stays in the region.
+        let addr = unsafe { self.addr.add(offset) };
+        let fail = |source| MmapError::Discard { offset, len, source };
+        let advise = |advice: Advice| {
+            // SAFETY: the range lies inside our own mapping (checked above). Guest memory is
+            // only ever accessed through volatile accesses and raw copies, never references,
+            // so dropping its contents (to zeros) under concurrent users is the same as a
+            // concurrent write.
+            unsafe { sys::madvise(addr, len, advice) }.map_err(fail)
+        };
+        match self.kind {
+            Kind::AnonPrivate => advise(Advice::DontNeed)?,
+            Kind::AnonShared | Kind::Unknown => advise(Advice::Remove)?,
+            Kind::FileShared => {
+                let punched = self.file_offset.as_ref().map(|fo| {
+                    sys::fallocate(
+                        fo.file().as_fd(),
+                        FallocateMode::PUNCH_HOLE | FallocateMode::KEEP_SIZE,
+                        fo.start() + offset as u64,
+                        len as u64,
+                    )
+                });
+                match punched {
+                    Some(Ok(())) => {}
+                    Some(Err(e)) if e.raw_os_error() != Some(libc::EOPNOTSUPP) => return Err(fail(e)),
+                    // No file to punch, or a filesystem that cannot: remove through the mapping.
+                    _ => advise(Advice::Remove)?,
+                }
+            }
+            Kind::FilePrivate => {
+                let mut flags = MapFlags::PRIVATE | MapFlags::ANONYMOUS | MapFlags::FIXED;
+                flags |= hugetlb_map_flags(self.hugetlbfs, self.page_size).unwrap_or(MapFlags::NORESERVE);
+                // SAFETY: MAP_FIXED replaces a range of our own mapping (checked above) with
+                // zero-filled memory of the same protection; as with `advise`, concurrent
+                // users see it as a concurrent write of zeros.
+                unsafe { sys::mmap(addr, len, self.prot, flags, None, 0) }.map_err(fail)?;
+            }
+        }
+        self.bitmap.mark_dirty(offset, len);
+        Ok(())
+    }
+}
+
+/// The `MAP_HUGETLB | MAP_HUGE_*` flags for hugetlb memory of `page_size`, or `None` when the
+/// memory is not hugetlb.
+fn hugetlb_map_flags(hugetlb: bool, page_size: usize) -> Option<MapFlags> {
+    if !hugetlb {
+        return None;
+    }
+    Some(match page_size {
+        s if s == 1 << 30 => MapFlags::HUGETLB | MapFlags::HUGE_1GB,
+        s if s == 2 << 20 => MapFlags::HUGETLB | MapFlags::HUGE_2MB,
+        _ => MapFlags::HUGETLB,
+    })
+}
+
+impl<B> Drop for MmapRegion<B> {
+    fn drop(&mut self) {
+        match &self.ownership {
+            Ownership::Owned { start, len } => {
+                // SAFETY: we own the mapping (guard pages included); everything borrowing it
+                // (slices, refs) borrows `self`, so nothing uses it any more.
+                let _ = unsafe { sys::munmap(*start, *len) };
+            }
+            Ownership::InReservation { reservation, offset } => reservation.release(*offset),
+            Ownership::Borrowed => {}
+        }
+    }
+}
+
+impl<B: Bitmap> VolatileMemory for MmapRegion<B> {
+    type Slice<'a>
+        = B::Slice<'a>
+    where
+        Self: 'a;
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.size
+    }
+
+    #[inline]
+    fn get_slice(&self, offset: usize, count: usize) -> volatile::Result<VolatileSlice<'_, B::Slice<'_>>> {
+        volatile::check_range(offset, count, self.size)?;
+        // SAFETY: `[offset, offset + count)` lies in the mapping (checked), which lives as long
+        // as `&self`; it is readable (guest memory always is) and writable exactly when the
+        // protection says so, which the slice is told. No reference to it is ever made.
+        Ok(unsafe {
+            VolatileSlice::with_bitmap(
+                self.addr.add(offset),
+                count,
+                self.bitmap.slice_at(offset),
+                self.prot.is_writable(),
+            )
+        })
+    }
+}
+
+impl<B: Bitmap> MmapRegion<B> {
+    /// The whole region as one slice.
+    pub fn as_volatile_slice(&self) -> VolatileSlice<'_, B::Slice<'_>> {
+        // SAFETY: the whole mapping, as in `get_slice`.
+        unsafe {
+            VolatileSlice::with_bitmap(self.addr, self.size, self.bitmap.slice_at(0), self.prot.is_writable())
+        }
+    }
+}
+
+/// Builds an [`MmapRegion`]: choose the backing and the policies, then [`build`](Self::build).
+///
+/// Defaults: private anonymous memory, `READ | WRITE`, `MAP_NORESERVE` (not for hugetlb, where
+/// it would turn an empty pool into SIGBUS at fault time), no guard pages, page alignment, no
+/// huge pages, no prefault, not locked.
+#[derive(Debug)]
+#[must_use]
+pub struct MmapRegionBuilder<B = ()> {
+    size: usize,
+    backing: Backing,
+    prot: Protection,
+    guard_pages: usize,
+    align: usize,
+    huge_pages: Option<HugePageSize>,
+    populate: Populate,
+    lock: Lock,
+    dont_dump: bool,
+    dont_fork: bool,
+    mergeable: bool,
+    numa: Option<NumaPolicy>,
+    reservation: Option<(Arc<Reservation>, usize)>,
+    phantom: std::marker::PhantomData<B>,
+}
+
+impl<B: NewBitmap> MmapRegionBuilder<B> {
+    /// A builder for a region of `size` bytes.
+    pub fn new(size: usize) -> Self {
+        MmapRegionBuilder {
+            size,
+            backing: Backing::default(),
+            prot: Protection::READ_WRITE,
+            guard_pages: 0,
+            align: 0,
+            huge_pages: None,
+            populate: Populate::No,
+            lock: Lock::No,
+            dont_dump: false,
+            dont_fork: false,
+            mergeable: false,
+            numa: None,
+            reservation: None,
+            phantom: std::marker::PhantomData,
+        }
+    }
+
+    /// What backs the memory (default: private anonymous).
+    pub fn backing(mut self, backing: Backing) -> Self {
+        self.backing = backing;
+        self
+    }
+
+    /// The protection (default `READ | WRITE`; must include `READ`).
+    pub fn protection(mut self, prot: Protection) -> Self {
+        self.prot = prot;
+        self
+    }
+
+    /// `n` `PROT_NONE` base pages before and after the region, from one reservation, so an
+    /// overrun faults instead of touching a neighbour.
+    pub fn guard_pages(mut self, n: usize) -> Self {
+        self.guard_pages = n;
+        self
+    }
+
+    /// Start the region at a multiple of `align` (a power of two), e.g. 2 MiB so that THP
+    /// and huge-page EPT mappings can be used.
+    pub fn align(mut self, align: usize) -> Self {
+        self.align = align;
+        self
+    }
+
+    /// Huge pages: transparent (`MADV_HUGEPAGE`) or explicit hugetlb pages of a size. For a
+    /// file backing, only `Transparent` or the size of the hugetlbfs the file is on.
+    pub fn huge_pages(mut self, size: HugePageSize) -> Self {
+        self.huge_pages = Some(size);
+        self
+    }
+
+    /// Prefault the region when it is built.
+    pub fn populate(mut self, populate: Populate) -> Self {
+        self.populate = populate;
+        self
+    }
+
+    /// Lock the region in RAM.
+    pub fn lock(mut self, lock: Lock) -> Self {
+        self.lock = lock;
+        self
+    }
+
+    /// Leave the region out of core dumps (`MADV_DONTDUMP`).
+    pub fn dont_dump(mut self, yes: bool) -> Self {
+        self.dont_dump = yes;
+        self
+    }
+
+    /// Do not map the region into children of `fork(2)` (`MADV_DONTFORK`).
+    pub fn dont_fork(mut self, yes: bool) -> Self {
+        self.dont_fork = yes;
+        self
+    }
+
+    /// Let KSM merge identical pages (`MADV_MERGEABLE`; private anonymous memory only, the only
+    /// kind KSM merges).
+    pub fn mergeable(mut self, yes: bool) -> Self {
+        self.mergeable = yes;
+        self
+    }
+
+    /// Place the region's pages on NUMA nodes (`mbind(2)`, before any page is faulted in).
+    pub fn numa(mut self, policy: NumaPolicy) -> Self {
+        self.numa = Some(policy);
+        self
+    }
+
+    /// Map the region with `MAP_FIXED` at `offset` in `reservation` instead of where the kernel
+    /// chooses. Guard pages, if asked for, are claimed from the reservation around it.
+    pub fn in_reservation(mut self, reservation: Arc<Reservation>, offset: usize) -> Self {
+        self.reservation = Some((reservation, offset));
+        self
+    }
+
+    /// Maps the region, applies every option, and returns it; on any error nothing stays
+    /// mapped and nothing stays claimed.
+    pub fn build(self) -> Result<MmapRegion<B>, MmapError> {
+        let base_page = sys::page_size();
+        if self.size == 0 {
+            return Err(MmapError::ZeroSize);
+        }
+        if !self.prot.is_readable() {
+            return Err(MmapError::InvalidProtection(self.prot));
+        }
+        if self.align != 0 && !self.align.is_power_of_two() {
+            return Err(MmapError::InvalidAlignment(self.align));
+        }
+        let explicit_huge = self.huge_pages.and_then(HugePageSize::bytes);
+
+        // The backing: its fd, page size, kind and mmap flags.
+        let mut flags;
+        let (file_offset, page_size, hugetlb, kind) = match &self.backing {
+            Backing::Anonymous { shared } => {
+                flags = MapFlags::ANONYMOUS | if *shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
+                let kind = if *shared { Kind::AnonShared } else { Kind::AnonPrivate };
+                match explicit_huge {
+                    Some(size) => {
+                        flags |= hugetlb_map_flags(true, size).unwrap_or(MapFlags::HUGETLB);
+                        (None, size, true, kind)
+                    }
+                    None => {
+                        flags |= MapFlags::NORESERVE;
+                        (None, base_page, false, kind)
+                    }
+                }
+            }
+            Backing::Memfd(opts) => {
+                flags = MapFlags::SHARED;
+                let mut mflags = MemfdFlags::CLOEXEC;
+                if opts.seal {
+                    mflags |= MemfdFlags::ALLOW_SEALING;
+                }
+                match explicit_huge {
+                    Some(s) if s == 1 << 30 => mflags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_1GB,
+                    Some(_) => mflags |= MemfdFlags::HUGETLB | MemfdFlags::HUGE_2MB,
+                    None => {}
+                }
+                let page_size = explicit_huge.unwrap_or(base_page);
+                check_multiple("size", self.size as u64, page_size)?;
+                let fd = sys::memfd_create(&opts.name, mflags).map_err(|source| {
+                    if explicit_huge.is_some() {
+                        MmapError::OptionRefused { option: "huge_pages", source }
+                    } else {
+                        MmapError::Os { op: "memfd_create", source }
+                    }
+                })?;
+                sys::fd::ftruncate(fd.as_fd(), self.size as u64)
+                    .map_err(|source| MmapError::Os { op: "ftruncate", source })?;
+                if opts.seal {
+                    sys::fd::add_seals(fd.as_fd(), Seals::SHRINK | Seals::GROW)
+                        .map_err(|source| MmapError::Os { op: "F_ADD_SEALS", source })?;
+                }
+                (Some(FileOffset::new(fd.into(), 0)), page_size, explicit_huge.is_some(), Kind::FileShared)
+            }
+            Backing::File { file, shared } => {
+                flags = if *shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
+                let fd = file.file().as_fd();
+                let st = sys::fstat(fd).map_err(|source| MmapError::Os { op: "fstat", source })?;
+                let fs = sys::fstatfs(fd).map_err(|source| MmapError::Os { op: "fstatfs", source })?;
+                let page_size = if fs.is_hugetlbfs() { fs.block_size as usize } else { base_page };
+                match explicit_huge {
+                    Some(_) if !fs.is_hugetlbfs() => {
+                        return Err(MmapError::InvalidOption {
+                            option: "huge_pages",
+                            reason: "explicit huge pages need a file on hugetlbfs (or use Transparent)",
+                        })
+                    }
+                    Some(s) if s != page_size => {
+                        return Err(MmapError::InvalidOption {
+                            option: "huge_pages",
+                            reason: "the size differs from the page size of the file's hugetlbfs",
+                        })
+                    }
+                    _ => {}
+                }
+                let end = file
+                    .start()
+                    .checked_add(self.size as u64)
+                    .ok_or(MmapError::Overflow { offset: file.start(), size: self.size })?;
+                check_multiple("file offset", file.start(), page_size)?;
+                // Devices and other files whose size fstat cannot report skip this check.
+                if st.has_reliable_size() && st.size < end {
+                    return Err(MmapError::FileTooShort {
+                        file_size: st.size,
+                        offset: file.start(),
+                        size: self.size,
+                    });
+                }
+                let kind = if *shared { Kind::FileShared } else { Kind::FilePrivate };
+                (Some(file.clone()), page_size, fs.is_hugetlbfs(), kind)
+            }
+        };
+        check_multiple("size", self.size as u64, page_size)?;
+        if self.mergeable && kind != Kind::AnonPrivate {
+            return Err(MmapError::InvalidOption {
+                option: "mergeable",
+                reason: "KSM merges only private anonymous memory",
+            });
+        }
+        if hugetlb && self.huge_pages == Some(HugePageSize::Transparent) {
+            return Err(MmapError::InvalidOption {
+                option: "huge_pages",
+                reason: "transparent huge pages do not apply to hugetlb memory",
+            });
+        }
+        if hugetlb && self.lock == Lock::OnFault {
+            return Err(MmapError::InvalidOption {
+                option: "lock",
+                reason: "hugetlb pages are never swapped; lock on fault does not apply",
+            });
+        }
+
+        // Where it goes: the kernel's choice, our own aligned reservation with guard pages, or
+        // a caller's reservation.
+        let guard = self
+            .guard_pages
+            .checked_mul(base_page)
+            .ok_or(MmapError::Overflow { offset: 0, size: self.size })?;
+        let align = self.align.max(page_size);
+        let with_guards = guard
+            .checked_mul(2)
+            .and_then(|g| g.checked_add(self.size))
+            .ok_or(MmapError::Overflow { offset: guard as u64, size: self.size })?;
+        let (fixed_at, ownership) = if let Some((res, offset)) = &self.reservation {
+            let start = offset.checked_sub(guard).ok_or(MmapError::OutsideReservation {
+                offset: *offset,
+                size: with_guards,
+                reservation_len: res.len(),
+            })?;
+            // SAFETY-free arithmetic: the claim below checks start + with_guards <= len.
+            let addr = (res.as_ptr() as usize).wrapping_add(*offset);
+            check_multiple("address", addr as u64, align)?;
+            res.claim(start, with_guards)?;
+            (Some(addr as *mut u8), Ownership::InReservation { reservation: res.clone(), offset: start })
+        } else if guard > 0 || align > page_size {
+            let (start, len) =
+                reservation::reserve_aligned(with_guards + align.saturating_sub(base_page), base_page)?;
+            // The data must be `align`-aligned with at least `guard` bytes before it.
+            let data = (start as usize + guard).next_multiple_of(align);
+            (Some(data as *mut u8), Ownership::Owned { start, len })
+        } else {
+            (None, Ownership::Borrowed)
+        };
+        // From here on `region` owns what was mapped or claimed: an early return unmaps it.
+        let mut region = MmapRegion {
+            addr: fixed_at.unwrap_or(std::ptr::null_mut()),
+            size: self.size,
+            bitmap: B::with_len(self.size),
+            file_offset,
+            prot: self.prot,
+            flags,
+            page_size,
+            hugetlbfs: hugetlb,
+            kind,
+            ownership,
+        };
+        let fd: Option<BorrowedFd<'_>> = region.file_offset.as_ref().map(|f| f.file().as_fd());
+        let file_start = region.file_offset.as_ref().map_or(0, FileOffset::start);
+        let map_flags = if fixed_at.is_some() { flags | MapFlags::FIXED } else { flags };
+        // SAFETY: with MAP_FIXED the target is inside a reservation we own (just made, or
+        // claimed from the caller's reservation), so nothing else is replaced; without it the
+        // kernel picks a new place.
+        let mapped = unsafe { sys::mmap(region.addr, self.size, self.prot, map_flags, fd, file_start) };
+        let addr = match mapped {
+            Ok(addr) => addr,
+            Err(source) => {
+                // The hugetlb pool is the usual reason: name the option.
+                return Err(if hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
+                    MmapError::OptionRefused { option: "huge_pages", source }
+                } else {
+                    MmapError::Mmap { size: self.size, source }
+                });
+            }
+        };
+        region.addr = addr;
+        if fixed_at.is_none() {
+            region.ownership = Ownership::Owned { start: addr, len: self.size };
+        }
+        region.apply_policies(&self)?;
+        Ok(region)
+    }
+
+    /// Adopts an existing mapping without owning it: it is not unmapped when the region drops.
+    ///
+    /// # Safety
+    /// `[addr, addr + size)` must be a mapping valid for reads (and writes, if `prot` has
+    /// `WRITE`) for the whole life of the region, used by nothing that makes Rust references to
+    /// it, and `prot` must not claim more access than the mapping has.
+    pub unsafe fn build_raw(
+        addr: *mut u8,
+        size: usize,
+        prot: Protection,
+        flags: MapFlags,
+    ) -> Result<MmapRegion<B>, MmapError> {
+        let page = sys::page_size();
+        if size == 0 {
+            return Err(MmapError::ZeroSize);
+        }
+        if !prot.is_readable() {
+            return Err(MmapError::InvalidProtection(prot));
+        }
+        check_multiple("address", addr as u64, page)?;
+        if (addr as usize).checked_add(size).is_none() {
+            return Err(MmapError::Overflow { offset: addr as u64, size });
+        }
+        Ok(MmapRegion {
+            addr,
+            size,
+            bitmap: B::with_len(size),
+            file_offset: None,
+            prot,
+            flags,
+            page_size: page,
+            hugetlbfs: flags.contains(MapFlags::HUGETLB),
+            kind: Kind::Unknown,
+            ownership: Ownership::Borrowed,
+        })
+    }
+}
+
+/// Fails with [`MmapError::Unaligned`] unless `value` is a multiple of `page_size`.
+fn check_multiple(what: &'static str, value: u64, page_size: usize) -> Result<(), MmapError> {
+    if value % page_size as u64 != 0 {
+        return Err(MmapError::Unaligned { what, value, page_size: page_size as u64 });
+    }
+    Ok(())
+}
+
+impl<B> MmapRegion<B> {
+    /// Applies the builder's policies to the freshly mapped region, in the order the kernel
+    /// needs: placement before any fault, advice, then prefault, then lock.
+    fn apply_policies<T>(&self, b: &MmapRegionBuilder<T>) -> Result<(), MmapError> {
+        let refused = |option: &'static str| move |source| MmapError::OptionRefused { option, source };
+        if let Some(numa) = &b.numa {
+            sys::mbind(self.addr, self.size, numa.mode, &numa.nodes, MbindFlags::empty())
+                .map_err(refused("numa"))?;
+        }
+        let advise = |yes: bool, advice: Advice, option: &'static str| -> Result<(), MmapError> {
+            if yes {
+                // SAFETY: non-destructive advice on our own new mapping.
+                unsafe { sys::madvise(self.addr, self.size, advice) }.map_err(refused(option))?;
+            }
+            Ok(())
+        };
+        advise(b.huge_pages == Some(HugePageSize::Transparent), Advice::HugePage, "huge_pages")?;
+        advise(b.dont_dump, Advice::DontDump, "dont_dump")?;
+        advise(b.dont_fork, Advice::DontFork, "dont_fork")?;
+        advise(b.mergeable, Advice::Mergeable, "mergeable")?;
+        let populate_advice = if self.prot.is_writable() && self.kind != Kind::FilePrivate {
+            Advice::PopulateWrite
+        } else {
+            Advice::PopulateRead
+        };
+        match b.populate {
+            Populate::No => {}
+            Populate::Now => advise(true, populate_advice, "populate")?,
+            Populate::Parallel(threads) => self.populate_parallel(threads.get(), populate_advice)?,
+        }
+        match b.lock {
+            Lock::No => {}
+            Lock::Now => sys::mlock(self.addr, self.size).map_err(refused("lock"))?,
+            Lock::OnFault => {
+                sys::mlock2(self.addr, self.size, Mlock2Flags::ONFAULT).map_err(refused("lock"))?
+            }
+        }
+        Ok(())
+    }
+
+    /// Prefaults the region on `threads` threads, each taking a page-aligned chunk.
+    fn populate_parallel(&self, threads: usize, advice: Advice) -> Result<(), MmapError> {
+        let pages = self.size / self.page_size;
+        let per_thread = pages.div_ceil(threads.min(pages).max(1)) * self.page_size;
+        let base = self.addr as usize;
+        let size = self.size;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..size)
+                .step_by(per_thread)
+                .map(|off| {
+                    let len = per_thread.min(size - off);
+                    scope.spawn(move || {
+                        // SAFETY: non-destructive advice on a page-aligned chunk of our own
+                        // mapping.
+                        unsafe { sys::madvise((base + off) as *mut u8, len, advice) }
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| match h.join() {
+                Ok(r) => r.map_err(|source| MmapError::OptionRefused { option: "populate", source }),
+                Err(_) => Err(MmapError::OptionRefused {
+                    option: "populate",
+                    source: io::Error::other("thread panicked"),
+                }),
+            })
+        })
+    }
+}
