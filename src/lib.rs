@@ -29,15 +29,21 @@
 #![deny(clippy::undocumented_unsafe_blocks, clippy::missing_safety_doc)]
 
 pub mod address;
+pub mod atomic;
 pub mod bitmap;
 pub mod bytes;
 pub mod host;
+pub mod memory;
 pub mod mmap;
+pub mod region;
 pub mod sys;
 pub mod volatile;
 
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};
+pub use atomic::{GuestMemoryAtomic, GuestMemoryExclusiveGuard, GuestMemoryGuard, MemoryCache};
 pub use bytes::{AtomicAccess, AtomicInteger, Be16, Be32, Be64, ByteValued, Bytes, Le16, Le32, Le64};
+pub use memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap, GuestMemorySlices, GuestSlice};
+pub use region::{GuestMemoryRegion, GuestRegionMmap};
 pub use volatile::{
     AtomicRef, ReadVolatile, ReadVolatileAt, VolatileArrayRef, VolatileError, VolatileMemory, VolatileRef,
     VolatileSlice, WriteVolatile, WriteVolatileAt,

@@ -1,0 +1,268 @@
+//! A region of guest memory placed at a guest-physical address: the [`GuestMemoryRegion`]
+//! trait and its mmap implementation, [`GuestRegionMmap`].
+//!
+//! ```
+//! use guestmem::{Bytes, GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+//! use guestmem::mmap::MmapRegionBuilder;
+//!
+//! let mapping = MmapRegionBuilder::<()>::new(0x10000).build().unwrap();
+//! let region = GuestRegionMmap::new(mapping, GuestAddress(0x1_0000_0000)).unwrap();
+//! assert_eq!(region.last_addr(), GuestAddress(0x1_0000_ffff));
+//! assert_eq!(region.to_region_addr(GuestAddress(0x1_0000_0010)), Some(MemoryRegionAddress(0x10)));
+//! region.write_obj(3u32, MemoryRegionAddress(0x10)).unwrap();
+//! ```
+
+use std::mem::size_of;
+use std::ops::Deref;
+use std::sync::atomic::Ordering;
+
+use crate::address::{Address, GuestAddress, GuestUsize, MemoryRegionAddress};
+use crate::bitmap::Bitmap;
+use crate::bytes::{AtomicAccess, ByteValued, Bytes};
+use crate::memory::GuestMemoryError;
+use crate::mmap::{FileOffset, MmapRegion};
+use crate::sys::Protection;
+use crate::volatile::{ReadVolatile, VolatileMemory, VolatileSlice, WriteVolatile};
+
+/// The bitmap slice type of a bitmap `B`.
+pub type BS<'a, B> = <B as Bitmap>::Slice<'a>;
+
+/// A contiguous piece of guest memory at a guest-physical address.
+pub trait GuestMemoryRegion {
+    /// The dirty bitmap of the region.
+    type B: Bitmap;
+
+    /// The size in bytes.
+    fn len(&self) -> GuestUsize;
+
+    /// The guest address of the first byte.
+    fn start_addr(&self) -> GuestAddress;
+
+    /// The protection (a write to a region without `WRITE` is refused).
+    fn protection(&self) -> Protection;
+
+    /// The dirty bitmap.
+    fn bitmap(&self) -> &Self::B;
+
+    /// The file behind the region, if any.
+    fn file_offset(&self) -> Option<&FileOffset>;
+
+    /// The host address of the region's first byte. Writes through it are not tracked.
+    fn host_ptr(&self) -> *mut u8;
+
+    /// The `count` bytes at `offset` as one slice.
+    fn get_slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> Result<VolatileSlice<'_, BS<'_, Self::B>>, GuestMemoryError>;
+
+    /// Whether the size is 0 (never, for regions guestmem builds).
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The guest address of the last byte.
+    fn last_addr(&self) -> GuestAddress {
+        // A region is never empty, and its placement was checked not to wrap.
+        GuestAddress(self.start_addr().0.wrapping_add(self.len().saturating_sub(1)))
+    }
+
+    /// `addr` if it lies inside the region.
+    fn check_address(&self, addr: MemoryRegionAddress) -> Option<MemoryRegionAddress> {
+        (addr.0 < self.len()).then_some(addr)
+    }
+
+    /// The offset of guest address `addr` in the region, if it lies inside.
+    fn to_region_addr(&self, addr: GuestAddress) -> Option<MemoryRegionAddress> {
+        addr.checked_offset_from(self.start_addr()).and_then(|o| self.check_address(MemoryRegionAddress(o)))
+    }
+
+    /// The host address of `offset` in the region. Writes through it are not tracked: mark
+    /// them with [`Bitmap::mark_dirty`].
+    fn get_host_address(&self, offset: MemoryRegionAddress) -> Result<*mut u8, GuestMemoryError> {
+        let off = self.check_address(offset).ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(
+            self.start_addr().0.wrapping_add(offset.0),
+        )))?;
+        // `off < len`, and the region's host mapping spans `len` bytes.
+        Ok(self.host_ptr().wrapping_add(off.0 as usize))
+    }
+}
+
+/// A guest memory region backed by an [`MmapRegion`].
+///
+/// Dereferences to the mapping for its accessors (`discard`, `resident_pages`, ...).
+#[derive(Debug)]
+pub struct GuestRegionMmap<B = ()> {
+    mapping: MmapRegion<B>,
+    guest_base: GuestAddress,
+}
+
+impl<B: Bitmap> GuestRegionMmap<B> {
+    /// Places `mapping` at `guest_base`. The region may end exactly at the top of the 64-bit
+    /// guest address space, but not wrap past it.
+    pub fn new(mapping: MmapRegion<B>, guest_base: GuestAddress) -> Result<Self, GuestMemoryError> {
+        let len = mapping.size() as u64;
+        if len == 0 || guest_base.0.checked_add(len - 1).is_none() {
+            return Err(GuestMemoryError::RegionOverflow { base: guest_base, len });
+        }
+        Ok(GuestRegionMmap { mapping, guest_base })
+    }
+
+    /// The mapping behind the region.
+    pub fn mapping(&self) -> &MmapRegion<B> {
+        &self.mapping
+    }
+
+    /// The region as one slice.
+    pub fn as_volatile_slice(&self) -> VolatileSlice<'_, BS<'_, B>> {
+        self.mapping.as_volatile_slice()
+    }
+
+    /// The slice `[offset, offset + count)`, or an error naming the guest address.
+    #[inline]
+    fn slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> Result<VolatileSlice<'_, BS<'_, B>>, GuestMemoryError> {
+        let at = usize::try_from(offset.0).unwrap_or(usize::MAX);
+        self.mapping.get_slice(at, count).map_err(|e| self.error(offset, e))
+    }
+
+    fn error(&self, offset: MemoryRegionAddress, source: crate::VolatileError) -> GuestMemoryError {
+        GuestMemoryError::from_volatile(GuestAddress(self.guest_base.0.wrapping_add(offset.0)), source)
+    }
+}
+
+impl<B> Deref for GuestRegionMmap<B> {
+    type Target = MmapRegion<B>;
+
+    fn deref(&self) -> &MmapRegion<B> {
+        &self.mapping
+    }
+}
+
+impl<B: Bitmap> GuestMemoryRegion for GuestRegionMmap<B> {
+    type B = B;
+
+    #[inline]
+    fn len(&self) -> GuestUsize {
+        self.mapping.size() as u64
+    }
+
+    #[inline]
+    fn start_addr(&self) -> GuestAddress {
+        self.guest_base
+    }
+
+    fn protection(&self) -> Protection {
+        self.mapping.protection()
+    }
+
+    fn bitmap(&self) -> &B {
+        self.mapping.bitmap()
+    }
+
+    fn file_offset(&self) -> Option<&FileOffset> {
+        self.mapping.file_offset()
+    }
+
+    fn host_ptr(&self) -> *mut u8 {
+        self.mapping.as_ptr()
+    }
+
+    fn get_slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> Result<VolatileSlice<'_, BS<'_, B>>, GuestMemoryError> {
+        self.slice(offset, count)
+    }
+}
+
+/// Region-relative access: every call is one region, bounds checked against it.
+impl<B: Bitmap> Bytes<MemoryRegionAddress> for GuestRegionMmap<B> {
+    type E = GuestMemoryError;
+
+    fn write(&self, buf: &[u8], addr: MemoryRegionAddress) -> Result<usize, GuestMemoryError> {
+        let at = usize::try_from(addr.0).unwrap_or(usize::MAX);
+        self.as_volatile_slice().write(buf, at).map_err(|e| self.error(addr, e))
+    }
+
+    fn read(&self, buf: &mut [u8], addr: MemoryRegionAddress) -> Result<usize, GuestMemoryError> {
+        let at = usize::try_from(addr.0).unwrap_or(usize::MAX);
+        self.as_volatile_slice().read(buf, at).map_err(|e| self.error(addr, e))
+    }
+
+    fn write_slice(&self, buf: &[u8], addr: MemoryRegionAddress) -> Result<(), GuestMemoryError> {
+        self.slice(addr, buf.len())?.write_slice(buf, 0).map_err(|e| self.error(addr, e))
+    }
+
+    fn read_slice(&self, buf: &mut [u8], addr: MemoryRegionAddress) -> Result<(), GuestMemoryError> {
+        self.slice(addr, buf.len())?.read_slice(buf, 0).map_err(|e| self.error(addr, e))
+    }
+
+    fn write_obj<T: ByteValued>(&self, val: T, addr: MemoryRegionAddress) -> Result<(), GuestMemoryError> {
+        self.slice(addr, size_of::<T>())?.write_obj(val, 0).map_err(|e| self.error(addr, e))
+    }
+
+    fn read_obj<T: ByteValued>(&self, addr: MemoryRegionAddress) -> Result<T, GuestMemoryError> {
+        self.slice(addr, size_of::<T>())?.read_obj(0).map_err(|e| self.error(addr, e))
+    }
+
+    fn read_volatile_from<F: ReadVolatile + ?Sized>(
+        &self,
+        addr: MemoryRegionAddress,
+        src: &mut F,
+        count: usize,
+    ) -> Result<usize, GuestMemoryError> {
+        let at = usize::try_from(addr.0).unwrap_or(usize::MAX);
+        self.as_volatile_slice().read_volatile_from(at, src, count).map_err(|e| self.error(addr, e))
+    }
+
+    fn read_exact_volatile_from<F: ReadVolatile + ?Sized>(
+        &self,
+        addr: MemoryRegionAddress,
+        src: &mut F,
+        count: usize,
+    ) -> Result<(), GuestMemoryError> {
+        src.read_exact_volatile(&self.slice(addr, count)?).map_err(|e| self.error(addr, e))
+    }
+
+    fn write_volatile_to<F: WriteVolatile + ?Sized>(
+        &self,
+        addr: MemoryRegionAddress,
+        dst: &mut F,
+        count: usize,
+    ) -> Result<usize, GuestMemoryError> {
+        let at = usize::try_from(addr.0).unwrap_or(usize::MAX);
+        self.as_volatile_slice().write_volatile_to(at, dst, count).map_err(|e| self.error(addr, e))
+    }
+
+    fn write_all_volatile_to<F: WriteVolatile + ?Sized>(
+        &self,
+        addr: MemoryRegionAddress,
+        dst: &mut F,
+        count: usize,
+    ) -> Result<(), GuestMemoryError> {
+        dst.write_all_volatile(&self.slice(addr, count)?).map_err(|e| self.error(addr, e))
+    }
+
+    fn store<T: AtomicAccess>(
+        &self,
+        val: T,
+        addr: MemoryRegionAddress,
+        order: Ordering,
+    ) -> Result<(), GuestMemoryError> {
+        self.slice(addr, size_of::<T>())?.store(val, 0, order).map_err(|e| self.error(addr, e))
+    }
+
+    fn load<T: AtomicAccess>(
+        &self,
+        addr: MemoryRegionAddress,
+        order: Ordering,
+    ) -> Result<T, GuestMemoryError> {
+        self.slice(addr, size_of::<T>())?.load(0, order).map_err(|e| self.error(addr, e))
+    }
+}
