@@ -11,6 +11,8 @@ use guestmem::mmap::MmapRegionBuilder;
 use guestmem::{Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 type Mem = GuestMemoryMmap<()>;
+/// A removed region (alive while anything holds it) and its host address.
+type Removed = (Weak<GuestRegionMmap<()>>, usize);
 
 const BASE_SIZE: usize = 1 << 20;
 const HOT_SIZE: usize = 64 << 10;
@@ -55,7 +57,7 @@ fn readers_writer_and_hotplug_for_a_bounded_time() {
     let atomic = GuestMemoryAtomic::new(base);
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
-    let removed: Arc<Mutex<Vec<(Weak<GuestRegionMmap<()>>, usize)>>> = Arc::default();
+    let removed: Arc<Mutex<Vec<Removed>>> = Arc::default();
 
     let readers: Vec<_> = (0..3u64)
         .map(|id| {
