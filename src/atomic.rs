@@ -16,11 +16,12 @@
 //! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
 //! let atomic = GuestMemoryAtomic::new(mem);
 //! let before = atomic.memory();
-//! atomic.update(|m| {
-//!     let region = GuestRegionMmap::new(MmapRegionBuilder::new(0x10000).build()?, GuestAddress(0x10000))
-//!         .map_err(|e| e.to_string())?;
-//!     m.insert_region(Arc::new(region)).map_err(|e| e.to_string())
-//! }).unwrap();
+//! atomic
+//!     .update(|m| {
+//!         let region = GuestRegionMmap::build(MmapRegionBuilder::new(0x10000), GuestAddress(0x10000))?;
+//!         m.insert_region(Arc::new(region))
+//!     })
+//!     .unwrap();
 //! assert_eq!(before.num_regions(), 1); // an old snapshot is unchanged
 //! assert_eq!(atomic.memory().num_regions(), 2);
 //! assert_eq!(atomic.generation(), 1);

@@ -644,14 +644,7 @@ impl<B: NewBitmap> GuestMemoryMmap<B> {
                     Some(file) => Backing::File { file, shared: true },
                     None => Backing::Anonymous { shared: false },
                 };
-                if base.0.checked_add((size as u64).saturating_sub(1)).is_none() {
-                    return Err(GuestMemoryError::RegionOverflow { base, len: size as u64 });
-                }
-                let mapping = MmapRegionBuilder::<B>::new(size)
-                    .backing(backing)
-                    .build()
-                    .map_err(|source| GuestMemoryError::Mmap { base, source })?;
-                GuestRegionMmap::new(mapping, base)
+                GuestRegionMmap::build(MmapRegionBuilder::<B>::new(size).backing(backing), base)
             })
             .collect::<Result<Vec<_>>>()?;
         Self::from_regions(regions)

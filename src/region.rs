@@ -18,9 +18,10 @@ use std::sync::atomic::Ordering;
 
 use crate::address::{Address, GuestAddress, GuestUsize, MemoryRegionAddress};
 use crate::bitmap::Bitmap;
+use crate::bitmap::NewBitmap;
 use crate::bytes::{AtomicAccess, ByteValued, Bytes};
 use crate::memory::GuestMemoryError;
-use crate::mmap::{FileOffset, MmapRegion};
+use crate::mmap::{FileOffset, MmapRegion, MmapRegionBuilder};
 use crate::sys::Protection;
 use crate::volatile::{ReadVolatile, VolatileMemory, VolatileSlice, WriteVolatile};
 
@@ -132,6 +133,28 @@ impl<B: Bitmap> GuestRegionMmap<B> {
 
     fn error(&self, offset: MemoryRegionAddress, source: crate::VolatileError) -> GuestMemoryError {
         GuestMemoryError::from_volatile(GuestAddress(self.guest_base.0.wrapping_add(offset.0)), source)
+    }
+}
+
+impl<B: NewBitmap> GuestRegionMmap<B> {
+    /// Builds the mapping described by `builder` and places it at `guest_base`, checking the
+    /// placement before anything is mapped.
+    ///
+    /// ```
+    /// use guestmem::{GuestAddress, GuestMemoryRegion, GuestRegionMmap};
+    /// use guestmem::mmap::MmapRegionBuilder;
+    /// let r = GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x1000), GuestAddress(0x4000)).unwrap();
+    /// assert_eq!(r.last_addr(), GuestAddress(0x4fff));
+    /// assert!(GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x2000), GuestAddress(u64::MAX)).is_err());
+    /// ```
+    pub fn build(builder: MmapRegionBuilder<B>, guest_base: GuestAddress) -> Result<Self, GuestMemoryError> {
+        let len = builder.size() as u64;
+        if len != 0 && guest_base.0.checked_add(len - 1).is_none() {
+            return Err(GuestMemoryError::RegionOverflow { base: guest_base, len });
+        }
+        let mapping =
+            builder.build().map_err(|source| GuestMemoryError::Mmap { base: guest_base, source })?;
+        Self::new(mapping, guest_base)
     }
 }
 

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use guestmem::mmap::MmapRegionBuilder;
-use guestmem::{Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+use guestmem::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 type Mem = GuestMemoryMmap<()>;
 /// A removed region (alive while anything holds it) and its host address.

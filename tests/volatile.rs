@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use guestmem::sys::{mmap, munmap, MapFlags, Protection};
-use guestmem::{Bytes, VolatileMemory, VolatileSlice};
+use guestmem::{Bytes, VolatileSlice};
 use proptest::prelude::*;
 
 /// A private anonymous mapping, unmapped on drop.

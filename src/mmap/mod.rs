@@ -291,7 +291,7 @@ impl<B> MmapRegion<B> {
             return Err(MmapError::ZeroSize);
         }
         for (what, value) in [("offset", offset), ("length", len)] {
-            if value % align != 0 {
+            if !value.is_multiple_of(align) {
                 return Err(MmapError::Unaligned { what, value: value as u64, page_size: align as u64 });
             }
         }
@@ -487,6 +487,11 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             reservation: None,
             phantom: std::marker::PhantomData,
         }
+    }
+
+    /// The size the region will have.
+    pub fn size(&self) -> usize {
+        self.size
     }
 
     /// What backs the memory (default: private anonymous).
@@ -794,7 +799,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
 
 /// Fails with [`MmapError::Unaligned`] unless `value` is a multiple of `page_size`.
 fn check_multiple(what: &'static str, value: u64, page_size: usize) -> Result<(), MmapError> {
-    if value % page_size as u64 != 0 {
+    if !value.is_multiple_of(page_size as u64) {
         return Err(MmapError::Unaligned { what, value, page_size: page_size as u64 });
     }
     Ok(())

@@ -81,18 +81,27 @@ macro_rules! flag_type {
 
         impl ::std::fmt::Debug for $name {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                // Single-bit flags by name; composites (READ_WRITE) and multi-bit fields
+                // (MAP_HUGE_*) are left to the hex remainder.
                 let mut first = true;
+                let mut rest = self.0;
                 write!(f, "{}(", stringify!($name))?;
                 $(
-                    if ($value as $repr) != 0 && self.contains(Self::$flag) {
+                    if ($value as $repr).count_ones() == 1 && self.contains(Self::$flag) {
                         if !first {
                             f.write_str(" | ")?;
                         }
                         f.write_str(stringify!($flag))?;
+                        rest &= !($value as $repr);
                         first = false;
                     }
                 )*
-                if first {
+                if rest != 0 {
+                    if !first {
+                        f.write_str(" | ")?;
+                    }
+                    write!(f, "{:#x}", rest)?;
+                } else if first {
                     f.write_str("empty")?;
                 }
                 f.write_str(")")
@@ -395,7 +404,11 @@ mod tests {
 
     #[test]
     fn flags_debug_and_bits() {
-        assert_eq!(format!("{:?}", Protection::READ_WRITE), "Protection(READ | WRITE | READ_WRITE)");
+        assert_eq!(format!("{:?}", Protection::READ_WRITE), "Protection(READ | WRITE)");
+        assert_eq!(
+            format!("{:?}", MapFlags::HUGETLB | MapFlags::HUGE_2MB),
+            format!("MapFlags(HUGETLB | {:#x})", libc::MAP_HUGE_2MB)
+        );
         assert_eq!(format!("{:?}", Protection::NONE), "Protection(empty)");
         assert_eq!(Protection::from_bits(libc::PROT_READ), Some(Protection::READ));
         assert_eq!(Protection::from_bits(0x4000_0000), None);

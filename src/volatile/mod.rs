@@ -319,6 +319,29 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
         }
     }
 
+    /// A [`VolatileRef`] to the `T` at `offset`, living as long as the memory (not just this
+    /// slice handle), so `mem.get_slice(..)?.get_ref(0)?` works.
+    pub fn get_ref<T: ByteValued>(&self, offset: usize) -> Result<VolatileRef<'a, T, S>> {
+        Ok(VolatileRef::from_slice(self.subslice(offset, size_of::<T>())?))
+    }
+
+    /// A [`VolatileArrayRef`] to `count` `T`s at `offset`, living as long as the memory.
+    pub fn get_array_ref<T: ByteValued>(
+        &self,
+        offset: usize,
+        count: usize,
+    ) -> Result<VolatileArrayRef<'a, T, S>> {
+        let elem_size = size_of::<T>();
+        let bytes = count.checked_mul(elem_size).ok_or(VolatileError::TooBig { count, elem_size })?;
+        Ok(VolatileArrayRef::from_slice(self.subslice(offset, bytes)?, count))
+    }
+
+    /// An [`AtomicRef`] to the atomic at `offset` (aligned to its size), living as long as
+    /// the memory.
+    pub fn get_atomic_ref<A: AtomicInteger>(&self, offset: usize) -> Result<AtomicRef<'a, A, S>> {
+        AtomicRef::from_slice(self.subslice(offset, size_of::<A>())?)
+    }
+
     /// Everything from `count` bytes in to the end.
     pub fn offset(&self, count: usize) -> Result<Self> {
         if count > self.len {
