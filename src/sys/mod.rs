@@ -15,6 +15,8 @@
 //! ...) are safe: the kernel validates the range and reports an error for a bad one.
 
 pub mod fd;
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod mman;
 pub mod numa;
 
