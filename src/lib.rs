@@ -35,6 +35,7 @@ pub mod sys;
 pub mod volatile;
 
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};
+pub use bitmap::AtomicBitmap;
 pub use bytes::{AtomicAccess, AtomicInteger, Be16, Be32, Be64, ByteValued, Bytes, Le16, Le32, Le64};
 pub use volatile::{
     AtomicRef, ReadVolatile, ReadVolatileAt, VolatileArrayRef, VolatileError, VolatileMemory, VolatileRef,
