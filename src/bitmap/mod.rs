@@ -1,19 +1,50 @@
-//! Dirty-page tracking: the [`Bitmap`] and [`BitmapSlice`] traits.
+//! Dirty-page tracking: the [`Bitmap`] and [`BitmapSlice`] traits, [`AtomicBitmap`], and the
+//! harvest API ([`DirtyHarvest`]).
 //!
 //! Every write that goes through guestmem (slices, refs, atomics, I/O into guest memory) marks
 //! the bytes it wrote in the bitmap of the memory it wrote, after the copy. A [`Bitmap`] covers
 //! one region; a [`BitmapSlice`] is a cheap handle on a bitmap shifted to where a
 //! [`VolatileSlice`](crate::VolatileSlice) starts, so a slice marks at its own offsets.
 //!
-//! `()` is the bitmap that tracks nothing and costs nothing: marks compile away.
+//! The bitmaps:
+//!
+//! - `()` tracks nothing and costs nothing: marks compile away. It has no harvest: memory that
+//!   was never tracked cannot say "nothing is dirty".
+//! - [`AtomicBitmap`] keeps one bit per page in 64-bit atomic words, in the layout of KVM's
+//!   dirty log. A mark is one atomic OR per 64-page word it touches. A harvest takes and clears
+//!   each word with one atomic swap, so a write is never lost between "read" and "clear"; it
+//!   comes out as KVM-format words in a caller's buffer or as runs of dirty pages, without
+//!   allocating. KVM's log merges in ([`AtomicBitmap::merge_words`]), and a consumer that
+//!   failed puts its bits back ([`AtomicBitmap::restore`]).
+//! - `Option<B>` switches tracking on and off per region: `None` marks nothing, and every
+//!   harvest call on it fails with [`BitmapError::NotTracking`] rather than report a clean
+//!   region.
 //!
 //! ```
-//! use guestmem::bitmap::{Bitmap, BitmapSlice};
-//! let b = ();
-//! Bitmap::mark_dirty(&b, 0, 4096);
-//! assert!(!Bitmap::dirty_at(&b, 0));
-//! assert!(!BitmapSlice::dirty_at(&Bitmap::slice_at(&b, 100), 0));
+//! use guestmem::bitmap::{AtomicBitmap, Bitmap, BitmapSlice};
+//! use guestmem::{Bytes, VolatileSlice};
+//!
+//! let mut ram = vec![0u8; 64 << 10];
+//! let bitmap = AtomicBitmap::new(ram.len(), 4096).unwrap();
+//! // SAFETY: `ram` is borrowed for as long as `mem` lives and is not used otherwise.
+//! let mem = unsafe { VolatileSlice::with_bitmap(ram.as_mut_ptr(), ram.len(), bitmap.slice_at(0), true) };
+//! mem.write_obj(7u32, 0x3ffe).unwrap(); // straddles pages 3 and 4
+//! mem.write_slice(&[1; 10], 0x9000).unwrap(); // page 9
+//!
+//! let mut runs = Vec::new();
+//! let dirty = bitmap.take_dirty_runs(|first_page, num_pages| runs.push((first_page, num_pages)));
+//! assert_eq!((dirty, runs), (3, vec![(3, 2), (9, 1)]));
+//!
+//! // `()` tracks nothing.
+//! Bitmap::mark_dirty(&(), 0, 4096);
+//! assert!(!BitmapSlice::dirty_at(&Bitmap::slice_at(&(), 100), 0));
 //! ```
+
+mod atomic;
+#[cfg(test)]
+mod tests;
+
+pub use atomic::{AtomicBitmap, AtomicBitmapSlice};
 
 use std::fmt::Debug;
 
@@ -85,6 +116,201 @@ impl Bitmap for () {
 
 impl NewBitmap for () {
     fn with_len(_len: usize) -> Self {}
+}
+
+/// Errors of the dirty bitmaps and their harvest.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BitmapError {
+    /// A page size that is zero or not a power of two.
+    #[error("page size {page_size} is not a power of two")]
+    InvalidPageSize {
+        /// The page size asked for.
+        page_size: usize,
+    },
+    /// The bitmap's words could not be allocated.
+    #[error("no memory for the dirty bitmap of {byte_len} bytes in pages of {page_size} bytes")]
+    OutOfMemory {
+        /// Bytes the bitmap had to cover.
+        byte_len: usize,
+        /// Its page size.
+        page_size: usize,
+        /// Why the allocation failed.
+        #[source]
+        source: std::collections::TryReserveError,
+    },
+    /// A buffer for taken words shorter than the bitmap.
+    #[error("buffer of {len} words is shorter than the bitmap's {num_words} words")]
+    BufferTooShort {
+        /// Words in the buffer.
+        len: usize,
+        /// Words in the bitmap.
+        num_words: usize,
+    },
+    /// Words to merge or restore that are more than the bitmap holds.
+    #[error("{len} words to merge are more than the bitmap's {num_words} words")]
+    TooManyWords {
+        /// Words given.
+        len: usize,
+        /// Words in the bitmap.
+        num_words: usize,
+    },
+    /// A harvest (or merge) on memory whose dirty tracking is off (`None`).
+    #[error("dirty tracking is off for this memory: there is no dirty log to harvest or merge into")]
+    NotTracking,
+}
+
+/// A bitmap whose dirty pages can be harvested: taken and cleared, merged with KVM's log, and
+/// put back.
+///
+/// Implemented by [`AtomicBitmap`] (whose inherent methods of the same names are the
+/// infallible versions of these) and by `Option<B>` for any harvestable `B`, so guest-memory
+/// code can harvest every region the same way. Page numbers are relative to the region.
+///
+/// `None` (tracking off) fails every call with [`BitmapError::NotTracking`]. Reporting "no
+/// dirty page" instead would be a trap: a migration or a diff snapshot that harvests a region
+/// nobody tracked would skip pages that were written, and silently send stale memory; merging
+/// KVM's log into it would drop guest writes that KVM then forgets. A caller that meets
+/// `NotTracking` must treat the whole region as dirty (or turn tracking on). For the same
+/// reason `()` does not implement this trait at all.
+///
+/// ```
+/// use guestmem::bitmap::{AtomicBitmap, BitmapError, DirtyHarvest, NewBitmap};
+///
+/// /// Total dirty pages of all regions, taken and cleared; `None` when one is not tracked.
+/// fn harvest_all<B: DirtyHarvest>(regions: &[B]) -> Result<usize, BitmapError> {
+///     regions.iter().map(|r| r.take_dirty_runs(|_first, _count| {})).sum()
+/// }
+///
+/// let tracked = [Some(AtomicBitmap::with_len(1 << 20)), Some(AtomicBitmap::with_len(8192))];
+/// tracked[1].as_ref().unwrap().mark_pages(0, 2);
+/// assert_eq!(harvest_all(&tracked), Ok(2));
+/// let untracked: [Option<AtomicBitmap>; 1] = [None];
+/// assert_eq!(harvest_all(&untracked), Err(BitmapError::NotTracking));
+/// ```
+pub trait DirtyHarvest {
+    /// The page size in bytes: one bit per page.
+    fn page_size(&self) -> Result<usize, BitmapError>;
+
+    /// The number of pages covered.
+    fn num_pages(&self) -> Result<usize, BitmapError>;
+
+    /// The number of 64-page words: the length of a buffer for
+    /// [`take_dirty_words`](Self::take_dirty_words).
+    fn num_words(&self) -> Result<usize, BitmapError> {
+        Ok(self.num_pages()?.div_ceil(u64::BITS as usize))
+    }
+
+    /// The number of dirty pages now, without clearing them.
+    fn dirty_page_count(&self) -> Result<usize, BitmapError>;
+
+    /// Takes and clears the dirty bits into `out` in KVM's format; returns the number of dirty
+    /// pages taken. See [`AtomicBitmap::take_dirty_words`].
+    fn take_dirty_words(&self, out: &mut [u64]) -> Result<usize, BitmapError>;
+
+    /// Takes and clears the dirty bits, calling `f(first_page, num_pages)` for each maximal run
+    /// of dirty pages; returns the number of dirty pages taken. See
+    /// [`AtomicBitmap::take_dirty_runs`].
+    fn take_dirty_runs(&self, f: impl FnMut(usize, usize)) -> Result<usize, BitmapError>;
+
+    /// ORs a KVM-format bitmap in. See [`AtomicBitmap::merge_words`].
+    fn merge_words(&self, words: &[u64]) -> Result<(), BitmapError>;
+
+    /// Puts back bits taken by a consumer that could not use them. See
+    /// [`AtomicBitmap::restore`].
+    fn restore(&self, words: &[u64]) -> Result<(), BitmapError>;
+}
+
+impl<S: BitmapSlice> BitmapSlice for Option<S> {
+    #[inline(always)]
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if let Some(slice) = self {
+            slice.mark_dirty(offset, len);
+        }
+    }
+
+    #[inline]
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.as_ref().is_some_and(|slice| slice.dirty_at(offset))
+    }
+
+    #[inline]
+    fn slice_at(&self, offset: usize) -> Self {
+        self.as_ref().map(|slice| slice.slice_at(offset))
+    }
+}
+
+/// Tracking that can be off: `None` marks nothing and reports nothing dirty.
+///
+/// ```
+/// use guestmem::bitmap::{AtomicBitmap, Bitmap, NewBitmap};
+///
+/// let on: Option<AtomicBitmap> = NewBitmap::with_len(8192);
+/// on.mark_dirty(4096, 1);
+/// assert!(on.dirty_at(4096));
+/// let off: Option<AtomicBitmap> = None;
+/// off.mark_dirty(4096, 1);
+/// assert!(!off.dirty_at(4096));
+/// ```
+impl<B: Bitmap> Bitmap for Option<B> {
+    type Slice<'a>
+        = Option<B::Slice<'a>>
+    where
+        Self: 'a;
+
+    #[inline(always)]
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        if let Some(bitmap) = self {
+            bitmap.mark_dirty(offset, len);
+        }
+    }
+
+    #[inline]
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.as_ref().is_some_and(|bitmap| bitmap.dirty_at(offset))
+    }
+
+    #[inline]
+    fn slice_at(&self, offset: usize) -> Self::Slice<'_> {
+        self.as_ref().map(|bitmap| bitmap.slice_at(offset))
+    }
+}
+
+impl<B: NewBitmap> NewBitmap for Option<B> {
+    /// `Some` clean bitmap: a new region is tracked. Set it to `None` to turn tracking off.
+    fn with_len(len: usize) -> Self {
+        Some(B::with_len(len))
+    }
+}
+
+/// `None` fails every call with [`BitmapError::NotTracking`]; see [`DirtyHarvest`] for why.
+impl<B: DirtyHarvest> DirtyHarvest for Option<B> {
+    fn page_size(&self) -> Result<usize, BitmapError> {
+        self.as_ref().ok_or(BitmapError::NotTracking)?.page_size()
+    }
+
+    fn num_pages(&self) -> Result<usize, BitmapError> {
+        self.as_ref().ok_or(BitmapError::NotTracking)?.num_pages()
+    }
+
+    fn dirty_page_count(&self) -> Result<usize, BitmapError> {
+        self.as_ref().ok_or(BitmapError::NotTracking)?.dirty_page_count()
+    }
+
+    fn take_dirty_words(&self, out: &mut [u64]) -> Result<usize, BitmapError> {
+        self.as_ref().ok_or(BitmapError::NotTracking)?.take_dirty_words(out)
+    }
+
+    fn take_dirty_runs(&self, f: impl FnMut(usize, usize)) -> Result<usize, BitmapError> {
+        self.as_ref().ok_or(BitmapError::NotTracking)?.take_dirty_runs(f)
+    }
+
+    fn merge_words(&self, words: &[u64]) -> Result<(), BitmapError> {
+        self.as_ref().ok_or(BitmapError::NotTracking)?.merge_words(words)
+    }
+
+    fn restore(&self, words: &[u64]) -> Result<(), BitmapError> {
+        self.as_ref().ok_or(BitmapError::NotTracking)?.restore(words)
+    }
 }
 
 #[cfg(test)]
