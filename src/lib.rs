@@ -32,7 +32,10 @@ pub mod address;
 pub mod atomic;
 pub mod bitmap;
 pub mod bytes;
+pub mod dirty;
 pub mod host;
+#[cfg(feature = "kvm")]
+pub mod kvm;
 pub mod memory;
 pub mod mmap;
 pub mod region;
@@ -43,6 +46,7 @@ pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionA
 pub use atomic::{GuestMemoryAtomic, GuestMemoryExclusiveGuard, GuestMemoryGuard, MemoryCache};
 pub use bitmap::AtomicBitmap;
 pub use bytes::{AtomicAccess, AtomicInteger, Be16, Be32, Be64, ByteValued, Bytes, Le16, Le32, Le64};
+pub use dirty::DirtyRate;
 pub use memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap, GuestMemorySlices, GuestSlice};
 pub use region::{GuestMemoryRegion, GuestRegionMmap};
 pub use volatile::{

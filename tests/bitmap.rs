@@ -348,7 +348,7 @@ fn racing_writers_and_harvester_lose_no_mark() {
             let mut words = vec![0u64; bitmap.num_words()];
             let mut harvests = 0usize;
             while !stop.load(Ordering::Acquire) {
-                if harvests % 2 == 0 {
+                if harvests.is_multiple_of(2) {
                     bitmap.take_dirty_runs(|first, count| {
                         harvested[first..first + count].iter_mut().for_each(|h| *h = true);
                     });
