@@ -84,6 +84,14 @@ pub trait Bitmap: Debug {
 pub trait NewBitmap: Bitmap + Sized {
     /// A clean bitmap covering `len` bytes.
     fn with_len(len: usize) -> Self;
+
+    /// The bitmap of a region built with dirty tracking off
+    /// ([`MmapRegionBuilder::dirty_tracking`](crate::mmap::MmapRegionBuilder::dirty_tracking)).
+    /// Types that always track (or never do) ignore the request: only `Option<B>` can be off,
+    /// as `None`, and then says so ([`BitmapError::NotTracking`]) instead of reporting clean.
+    fn untracked(len: usize) -> Self {
+        Self::with_len(len)
+    }
 }
 
 impl BitmapSlice for () {
@@ -276,9 +284,14 @@ impl<B: Bitmap> Bitmap for Option<B> {
 }
 
 impl<B: NewBitmap> NewBitmap for Option<B> {
-    /// `Some` clean bitmap: a new region is tracked. Set it to `None` to turn tracking off.
+    /// `Some` clean bitmap: a new region is tracked, unless built with
+    /// [`dirty_tracking(false)`](crate::mmap::MmapRegionBuilder::dirty_tracking), which gives `None`.
     fn with_len(len: usize) -> Self {
         Some(B::with_len(len))
+    }
+
+    fn untracked(_len: usize) -> Self {
+        None
     }
 }
 

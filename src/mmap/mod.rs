@@ -465,6 +465,7 @@ pub struct MmapRegionBuilder<B = ()> {
     mergeable: bool,
     numa: Option<NumaPolicy>,
     reservation: Option<(Arc<Reservation>, usize)>,
+    dirty_tracking: bool,
     phantom: std::marker::PhantomData<B>,
 }
 
@@ -485,6 +486,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             mergeable: false,
             numa: None,
             reservation: None,
+            dirty_tracking: true,
             phantom: std::marker::PhantomData,
         }
     }
@@ -561,6 +563,15 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
     /// Place the region's pages on NUMA nodes (`mbind(2)`, before any page is faulted in).
     pub fn numa(mut self, policy: NumaPolicy) -> Self {
         self.numa = Some(policy);
+        self
+    }
+
+    /// Whether writes are tracked (default: yes). Off makes the bitmap `B::untracked`: for
+    /// `Option<B>` that is `None`, which costs nothing per write and makes harvests of the
+    /// region fail with [`NotTracking`](crate::bitmap::BitmapError::NotTracking) rather than
+    /// report it clean; types that cannot be off ignore it.
+    pub fn dirty_tracking(mut self, on: bool) -> Self {
+        self.dirty_tracking = on;
         self
     }
 
@@ -724,7 +735,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
         let mut region = MmapRegion {
             addr: fixed_at.unwrap_or(std::ptr::null_mut()),
             size: self.size,
-            bitmap: B::with_len(self.size),
+            bitmap: if self.dirty_tracking { B::with_len(self.size) } else { B::untracked(self.size) },
             file_offset,
             prot: self.prot,
             flags,
