@@ -96,8 +96,9 @@ impl<B: Bitmap + DirtyHarvest> GuestMemoryMmap<B> {
 
 /// Pages dirtied per second, over a sliding window of the last harvests.
 ///
-/// Feed it each harvest's page count with [`record`](Self::record); [`pages_per_sec`]
-/// (Self::pages_per_sec) is the sum of the pages over the time the window spans.
+/// Feed it each harvest's page count with [`record`](Self::record);
+/// [`pages_per_sec`](Self::pages_per_sec) is the sum of the pages over the time the window
+/// spans.
 ///
 /// ```
 /// use std::time::{Duration, Instant};

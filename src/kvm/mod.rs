@@ -3,7 +3,7 @@
 //! that one harvest of guestmem's bitmaps gives the union of VMM and guest writes.
 //!
 //! [`KvmSlots`] works on any VM fd (`AsRawFd`: kvm-ioctls' `VmFd`, a raw `File`, ...); it
-//! issues the ioctls itself, through [`sys::kvm`](crate::sys::kvm).
+//! issues the ioctls itself, through [`sys::kvm`](mod@crate::sys::kvm).
 //!
 //! - Memslots: [`register`](KvmSlots::register) gives each region a slot (read-only regions
 //!   get `KVM_MEM_READONLY`, and dirty logging is on when asked for) and, called again after
