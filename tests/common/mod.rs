@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod kvm_guest;
+
 use std::path::PathBuf;
 
 /// Whether `resource` is listed in `GUESTMEM_REQUIRE`.
