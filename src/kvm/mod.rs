@@ -17,7 +17,7 @@
 //!   [`reap_dirty_rings`](KvmSlots::reap_dirty_rings) to collect.
 
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
@@ -72,8 +72,8 @@ pub enum KvmError {
     /// A ring operation while the ring is off.
     #[error("the dirty ring is not enabled")]
     RingNotEnabled,
-    /// More slots than KVM's slot numbers allow.
-    #[error("no free memslot number (KVM allows {0})")]
+    /// More regions than slot numbers to give them.
+    #[error("no free memslot number ({0} available)")]
     NoFreeSlot(u32),
     /// A region's bitmap cannot take KVM's bits (tracking switched off, say).
     #[error("the bitmap of the region at {addr} cannot take KVM's dirty bits: {source}")]
@@ -135,7 +135,8 @@ pub struct KvmSlots<V, B> {
     initially_set: bool,
     ring_bytes: Option<u32>,
     rings: Vec<VcpuRing>,
-    max_slots: u32,
+    /// Slot numbers this instance may use.
+    slot_range: std::ops::Range<u32>,
 }
 
 impl<V: AsRawFd, B: Bitmap + DirtyHarvest> KvmSlots<V, B> {
@@ -143,6 +144,7 @@ impl<V: AsRawFd, B: Bitmap + DirtyHarvest> KvmSlots<V, B> {
     pub fn new(vm: V, log_dirty: bool) -> Self {
         // KVM_CAP_NR_MEMSLOTS (10); 32 is the oldest kernels' count, should the query fail.
         let max_slots = ioctls::check_extension(&vm, 10).ok().filter(|&n| n > 0).map_or(32, |n| n as u32);
+        let slot_range = 0..max_slots;
         KvmSlots {
             vm,
             log_dirty,
@@ -151,8 +153,17 @@ impl<V: AsRawFd, B: Bitmap + DirtyHarvest> KvmSlots<V, B> {
             initially_set: false,
             ring_bytes: None,
             rings: Vec::new(),
-            max_slots,
+            slot_range,
         }
+    }
+
+    /// Uses only slot numbers in `range` (within KVM's limit), leaving the others to the VMM's
+    /// own devices (ROMs, shared memory windows).
+    #[must_use]
+    pub fn with_slot_range(mut self, range: std::ops::Range<u32>) -> Self {
+        let end = range.end.min(self.slot_range.end);
+        self.slot_range = range.start.min(end)..end;
+        self
     }
 
     /// The VM fd.
@@ -216,10 +227,12 @@ impl<V: AsRawFd, B: Bitmap + DirtyHarvest> KvmSlots<V, B> {
     }
 
     /// Maps vCPU `vcpu`'s dirty ring (after [`enable_dirty_ring`](Self::enable_dirty_ring)).
-    pub fn add_vcpu(&mut self, vcpu: &impl AsFd) -> Result<()> {
+    pub fn add_vcpu(&mut self, vcpu: &impl AsRawFd) -> Result<()> {
         let bytes = self.ring_bytes.ok_or(KvmError::RingNotEnabled)? as usize;
         let offset = ioctls::KVM_DIRTY_LOG_PAGE_OFFSET * sys::page_size() as u64;
-        let fd: BorrowedFd<'_> = vcpu.as_fd();
+        // SAFETY: `vcpu` is borrowed for this call, so its fd stays open while we use it; the
+        // mapping keeps its own reference to the file afterwards.
+        let fd = unsafe { BorrowedFd::borrow_raw(vcpu.as_raw_fd()) };
         // SAFETY: a new shared mapping of the vCPU fd's ring pages; no MAP_FIXED.
         let ptr = unsafe {
             sys::mmap(std::ptr::null_mut(), bytes, Protection::READ_WRITE, MapFlags::SHARED, Some(fd), offset)
@@ -258,9 +271,11 @@ impl<V: AsRawFd, B: Bitmap + DirtyHarvest> KvmSlots<V, B> {
             if self.slots.iter().any(|s| Arc::ptr_eq(&s.region, region)) {
                 continue;
             }
-            let id = (0..self.max_slots)
+            let id = self
+                .slot_range
+                .clone()
                 .find(|id| !self.slots.iter().any(|s| s.id == *id))
-                .ok_or(KvmError::NoFreeSlot(self.max_slots))?;
+                .ok_or(KvmError::NoFreeSlot(self.slot_range.len() as u32))?;
             let mut flags = 0;
             if self.log_dirty {
                 flags |= ioctls::KVM_MEM_LOG_DIRTY_PAGES;
