@@ -4,6 +4,7 @@
 use std::collections::BTreeSet;
 use std::io::{Seek, Write};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 
 use guestmem::bitmap::{Bitmap, BitmapError, DirtyHarvest, NewBitmap};
 use guestmem::mmap::{Backing, MmapRegionBuilder};
@@ -226,4 +227,63 @@ fn shared_memfd_writes_are_tracked_too() {
     let mem = GuestMemoryMmap::from_regions(vec![r]).unwrap();
     mem.write_obj(1u64, GuestAddress(0x1_0000_2ffc)).unwrap();
     assert_eq!(harvest(&mem), pages(0x1_0000_2ffc, 8));
+}
+
+#[test]
+fn concurrent_writers_and_harvester_lose_no_write() {
+    use std::sync::atomic::AtomicBool;
+    let mem = Arc::new(
+        GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[
+            (GuestAddress(0), 4 << 20),
+            (GuestAddress(4 << 20), 4 << 20),
+        ])
+        .unwrap(),
+    );
+    let total_pages = (8u64 << 20) / PAGE;
+    let done = Arc::new(AtomicBool::new(false));
+    let harvester = {
+        let (mem, done) = (mem.clone(), done.clone());
+        std::thread::spawn(move || {
+            let mut union = BTreeSet::new();
+            let mut harvests = 0;
+            loop {
+                let finished = done.load(Ordering::Acquire);
+                mem.take_dirty_ranges(|a, l| union.extend(pages(a.0, l))).unwrap();
+                harvests += 1;
+                if finished {
+                    return (union, harvests);
+                }
+            }
+        })
+    };
+    let writers: Vec<_> = (0..3u64)
+        .map(|t| {
+            let mem = mem.clone();
+            std::thread::spawn(move || {
+                let mut written = BTreeSet::new();
+                let mut x = (t + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                for i in 0..100_000u64 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Sparse on purpose: most pages are never written, so a stray mark shows.
+                    let page = (x % (total_pages / 4)) * 4;
+                    // Every fourth write straddles into the next page.
+                    let off = if i % 4 == 0 { PAGE - 4 } else { 8 };
+                    mem.write_obj(i, GuestAddress(page * PAGE + off)).unwrap();
+                    written.extend(pages(page * PAGE + off, 8));
+                }
+                written
+            })
+        })
+        .collect();
+    let mut written = BTreeSet::new();
+    for w in writers {
+        written.extend(w.join().unwrap());
+    }
+    done.store(true, Ordering::Release);
+    let (union, harvests) = harvester.join().unwrap();
+    assert!(harvests > 1, "the harvester ran only {harvests} time(s)");
+    assert_eq!(union.len(), written.len());
+    assert_eq!(union, written, "harvested pages differ from written pages");
 }
