@@ -32,6 +32,7 @@ pub mod address;
 pub mod atomic;
 pub mod bitmap;
 pub mod bytes;
+pub mod checksum;
 pub mod dirty;
 pub mod host;
 #[cfg(feature = "kvm")]
