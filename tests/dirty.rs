@@ -287,3 +287,37 @@ fn concurrent_writers_and_harvester_lose_no_write() {
     assert_eq!(union.len(), written.len());
     assert_eq!(union, written, "harvested pages differ from written pages");
 }
+
+#[test]
+fn the_bitmap_always_covers_the_whole_region() {
+    // vm-memory can end up with a zero-length bitmap that silently drops marks. Here every way
+    // of building a region sizes the bitmap for it: marks on the very last page are kept.
+    let size = 0x10_1000usize; // 257 pages: the last page is alone in its 64-page word
+    let built = MmapRegionBuilder::<AtomicBitmap>::new(size).build().unwrap();
+    let mapping = MmapRegionBuilder::<()>::new(size).build().unwrap();
+    // SAFETY: `mapping` outlives `adopted` (dropped after it, at the end of the test).
+    let adopted = unsafe {
+        MmapRegionBuilder::<AtomicBitmap>::build_raw(
+            mapping.as_ptr(),
+            size,
+            guestmem::sys::Protection::READ_WRITE,
+            mapping.flags(),
+        )
+    }
+    .unwrap();
+    let from_ranges = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+    let memfd = MmapRegionBuilder::<AtomicBitmap>::new(size)
+        .backing(Backing::Memfd(guestmem::mmap::MemfdOptions::new("b")))
+        .build()
+        .unwrap();
+    for (what, region) in [("build", &built), ("build_raw", &adopted), ("memfd", &memfd)] {
+        assert_eq!(region.bitmap().len(), size, "{what}");
+        assert_eq!(region.bitmap().num_pages(), 257, "{what}");
+        region.as_volatile_slice().write_obj(1u8, size - 1).unwrap();
+        assert!(region.bitmap().is_page_dirty(256), "{what}: the last page's mark was dropped");
+    }
+    from_ranges.write_obj(1u8, GuestAddress(size as u64 - 1)).unwrap();
+    assert_eq!(harvest(&from_ranges), pages(size as u64 - 1, 1));
+    drop(adopted);
+    drop(mapping);
+}
