@@ -353,3 +353,80 @@ fn slot_exhaustion_ioctl_and_bitmap_errors() {
     let e = slots3.sync_dirty_log().unwrap_err();
     assert!(matches!(e, KvmError::Bitmap { addr: GuestAddress(0), .. }), "{e}");
 }
+
+#[test]
+fn every_kvm_error_variant_is_produced() {
+    let Some(mut vm) = vm("every_kvm_error_variant_is_produced") else { return };
+    let name = |e: &KvmError| match e {
+        KvmError::Ioctl { .. } => "Ioctl",
+        KvmError::Unsupported(_) => "Unsupported",
+        KvmError::RingAfterVcpu(_) => "RingAfterVcpu",
+        KvmError::InvalidRingSize { .. } => "InvalidRingSize",
+        KvmError::InitiallySetWithRing => "InitiallySetWithRing",
+        KvmError::RingEnabled => "RingEnabled",
+        KvmError::RingNotEnabled => "RingNotEnabled",
+        KvmError::NoFreeSlot(_) => "NoFreeSlot",
+        KvmError::Bitmap { .. } => "Bitmap",
+        KvmError::RingMap(_) => "RingMap",
+    };
+    let mut produced = Vec::new();
+    let null = || std::fs::File::open("/dev/null").unwrap();
+    // Not a VM: the ioctl fails, and the ring capability is missing.
+    let mut nothing = KvmSlots::<_, AtomicBitmap>::new(null(), true);
+    produced.push(nothing.enable_manual_protect(false).unwrap_err());
+    produced.push(nothing.enable_dirty_ring(1 << 16).unwrap_err());
+    // Ring rules on a VM without vCPUs.
+    let mut slots = Slots::new(vm_fd(&vm), true);
+    produced.push(slots.reap_dirty_rings().unwrap_err());
+    produced.push(slots.enable_dirty_ring(12345).unwrap_err());
+    slots.enable_dirty_ring(1 << 16).unwrap();
+    produced.push(slots.enable_manual_protect(true).unwrap_err());
+    produced.push(slots.sync_dirty_log().unwrap_err());
+    produced.push(slots.add_vcpu(&null()).unwrap_err());
+    // A ring after a vCPU exists.
+    let mut late_vm = TestVm::new().unwrap();
+    late_vm.add_vcpu().unwrap();
+    produced.push(Slots::new(vm_fd(&late_vm), true).enable_dirty_ring(1 << 16).unwrap_err());
+    // No slot number left.
+    let mem = Mem::from_regions(vec![anon(0, 1 << 20), anon(GIB, 1 << 20)]).unwrap();
+    produced.push(Slots::new(vm_fd(&late_vm), true).with_slot_range(0..1).register(&mem).unwrap_err());
+    // A region with tracking off cannot take KVM's bits.
+    vm.add_vcpu().unwrap();
+    let off = GuestRegionMmap::build(
+        MmapRegionBuilder::<Option<AtomicBitmap>>::new(1 << 20).dirty_tracking(false),
+        GuestAddress(0),
+    )
+    .unwrap();
+    let untracked = GuestMemoryMmap::from_regions(vec![off]).unwrap();
+    let fresh = TestVm::new().unwrap();
+    let mut logged = KvmSlots::new(vm_fd(&fresh), true);
+    logged.register(&untracked).unwrap();
+    let mut fresh = fresh;
+    fresh.add_vcpu().unwrap();
+    kvm_guest::run_writes(fresh.vcpu(0).unwrap(), CODE_GPA, &[(0x8000, 1)], &mut |gpa, c| {
+        untracked
+            .write_slice(c, GuestAddress(gpa))
+            .map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
+    })
+    .unwrap();
+    produced.push(logged.sync_dirty_log().unwrap_err());
+    let names: BTreeSet<&str> = produced.iter().map(name).collect();
+    let all: BTreeSet<&str> = [
+        "Ioctl",
+        "Unsupported",
+        "RingAfterVcpu",
+        "InvalidRingSize",
+        "InitiallySetWithRing",
+        "RingEnabled",
+        "RingNotEnabled",
+        "NoFreeSlot",
+        "Bitmap",
+        "RingMap",
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(names, all);
+    for e in &produced {
+        assert!(!e.to_string().is_empty());
+    }
+}

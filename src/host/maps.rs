@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::HostError;
 use crate::sys::Protection;
 
-pub(super) const MAPS_PATH: &str = "/proc/self/maps";
+pub(crate) const MAPS_PATH: &str = "/proc/self/maps";
 
 /// Bytes asked of the kernel per `read(2)`: the kernel fills it with whole records, so a
 /// large buffer means few calls for a process with many mappings.
@@ -157,7 +157,7 @@ pub fn query_range(addr: *const u8, len: usize) -> Result<Vec<MapArea>, HostErro
     areas_over(Path::new(MAPS_PATH), addr as usize, len)
 }
 
-pub(super) fn area_at(path: &Path, addr: usize) -> Result<MapArea, HostError> {
+pub(crate) fn area_at(path: &Path, addr: usize) -> Result<MapArea, HostError> {
     let mut found = None;
     for_each_line(path, |line| {
         let area = parse_record_header(line)?;

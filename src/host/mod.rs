@@ -34,9 +34,9 @@
 //! ```
 
 mod guard;
-mod maps;
+pub(crate) mod maps;
 mod page;
-mod smaps;
+pub(crate) mod smaps;
 
 pub use guard::{LockGuard, ProtectGuard};
 pub use maps::{parse_maps, parse_maps_line, query, query_range, MapArea};

@@ -145,7 +145,7 @@ pub fn parse_smaps(text: &str) -> Result<Vec<SmapsArea>, HostError> {
     Ok(areas)
 }
 
-pub(super) fn smaps_at(path: &Path, addr: usize) -> Result<SmapsArea, HostError> {
+pub(crate) fn smaps_at(path: &Path, addr: usize) -> Result<SmapsArea, HostError> {
     let mut record: Option<Record> = None;
     for_each_line(path, |line| {
         if is_field_line(line) {
