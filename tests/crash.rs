@@ -8,7 +8,6 @@ use std::process::Command;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use guestmem::bitmap::DirtyHarvest;
 use guestmem::host;
 use guestmem::mmap::{
     Backing, FileOffset, HugePageSize, MemfdOptions, MmapError, MmapRegionBuilder, NumaPolicy, Reservation,
