@@ -70,7 +70,7 @@ fn hotplug_readers_writers_and_harvester_together() {
                     seq += 1;
                     let slot = (x % (PERMANENT / 8 / WRITERS)) * WRITERS + id;
                     let addr = slot * 8;
-                    if (addr / PAGE) % 3 == 0 {
+                    if (addr / PAGE).is_multiple_of(3) {
                         // Every third page is never written: a page reported dirty there
                         // would be a mark nobody made.
                         continue;
@@ -179,7 +179,7 @@ fn hotplug_readers_writers_and_harvester_together() {
     }
     let harvested = harvested.lock().unwrap();
     assert_eq!(*harvested, written, "harvested pages differ from written pages");
-    assert!(harvested.iter().all(|p| p % 3 != 0) && written.len() < (PERMANENT / PAGE) as usize);
+    assert!(harvested.iter().all(|p| !p.is_multiple_of(3)) && written.len() < (PERMANENT / PAGE) as usize);
     assert!(swaps > 20 && rounds > 1 && writes > 1000, "swaps {swaps}, harvests {rounds}, writes {writes}");
     eprintln!(
         "stress: {swaps} hotplug swaps, {writes} writes, {} checked reads, {rounds} harvests, {} pages",
