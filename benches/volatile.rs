@@ -9,51 +9,19 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use guestmem::sys::{mmap, munmap, Advice, MapFlags, Protection};
-use guestmem::{Bytes, VolatileSlice};
+use guestmem::mmap::{MmapRegion, MmapRegionBuilder, Populate};
+use guestmem::Bytes;
 
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-impl Mapping {
-    fn new(len: usize) -> Self {
-        // SAFETY: a new anonymous mapping, no MAP_FIXED.
-        let ptr = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                len,
-                Protection::READ_WRITE,
-                MapFlags::PRIVATE | MapFlags::ANONYMOUS,
-                None,
-                0,
-            )
-        }
-        .unwrap();
-        // SAFETY: populating changes no contents (fresh zero pages).
-        unsafe { guestmem::sys::madvise(ptr, len, Advice::PopulateWrite).unwrap() };
-        Mapping { ptr, len }
-    }
-
-    fn slice(&self) -> VolatileSlice<'_> {
-        // SAFETY: valid for reads and writes while `self` lives; no reference is made to it.
-        unsafe { VolatileSlice::new(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: the slices borrowed from `self` are gone.
-        unsafe { munmap(self.ptr, self.len).unwrap() };
-    }
+/// A prefaulted anonymous mapping of `len` bytes.
+fn mapping(len: usize) -> MmapRegion {
+    MmapRegionBuilder::new(len).populate(Populate::Now).build().unwrap()
 }
 
 const SIZES: [(usize, &str); 4] = [(8, "8B"), (4 << 10, "4KiB"), (64 << 10, "64KiB"), (2 << 20, "2MiB")];
 
 fn byte_copies(c: &mut Criterion) {
-    let mem = Mapping::new(4 << 20);
-    let slice = mem.slice();
+    let mem = mapping(4 << 20);
+    let slice = mem.as_volatile_slice();
     for (size, name) in SIZES {
         let mut buf = vec![0x5au8; size];
         let mut g = c.benchmark_group(format!("read_slice/{name}"));
@@ -61,7 +29,9 @@ fn byte_copies(c: &mut Criterion) {
         g.bench_function("raw", |b| {
             b.iter(|| {
                 // SAFETY: `size` bytes at offset 64 lie in the mapping; `buf` holds `size` bytes.
-                unsafe { std::ptr::copy_nonoverlapping(black_box(mem.ptr.add(64)), buf.as_mut_ptr(), size) };
+                unsafe {
+                    std::ptr::copy_nonoverlapping(black_box(mem.as_ptr().add(64)), buf.as_mut_ptr(), size)
+                };
                 black_box(&buf);
             })
         });
@@ -78,7 +48,7 @@ fn byte_copies(c: &mut Criterion) {
         g.bench_function("raw", |b| {
             b.iter(|| {
                 // SAFETY: as above, in the other direction.
-                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), black_box(mem.ptr.add(64)), size) };
+                unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), black_box(mem.as_ptr().add(64)), size) };
             })
         });
         g.bench_function("guestmem", |b| {
@@ -89,8 +59,8 @@ fn byte_copies(c: &mut Criterion) {
 }
 
 fn typed_copies(c: &mut Criterion) {
-    let mem = Mapping::new(4 << 20);
-    let slice = mem.slice();
+    let mem = mapping(4 << 20);
+    let slice = mem.as_volatile_slice();
     for (size, name) in &SIZES[1..] {
         let size = *size;
         let mut g = c.benchmark_group(format!("copy_to_u16/{name}"));
@@ -100,7 +70,11 @@ fn typed_copies(c: &mut Criterion) {
             b.iter(|| {
                 // SAFETY: `size` bytes in the mapping and in `out16`.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(black_box(mem.ptr), out16.as_mut_ptr().cast::<u8>(), size)
+                    std::ptr::copy_nonoverlapping(
+                        black_box(mem.as_ptr()),
+                        out16.as_mut_ptr().cast::<u8>(),
+                        size,
+                    )
                 };
                 black_box(&out16);
             })
@@ -117,7 +91,7 @@ fn typed_copies(c: &mut Criterion) {
             b.iter(|| {
                 // SAFETY: `size` bytes in the mapping and in `in64`.
                 unsafe {
-                    std::ptr::copy_nonoverlapping(in64.as_ptr().cast::<u8>(), black_box(mem.ptr), size)
+                    std::ptr::copy_nonoverlapping(in64.as_ptr().cast::<u8>(), black_box(mem.as_ptr()), size)
                 };
             })
         });

@@ -363,21 +363,7 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
         src: &mut F,
         count: usize,
     ) -> Result<usize> {
-        let mut done = 0;
-        for s in self.get_slices(addr, count) {
-            let s = match s {
-                Ok(s) => s,
-                Err(e) if done == 0 => return Err(e),
-                Err(_) => break,
-            };
-            let at = GuestAddress(addr.0.wrapping_add(done as u64));
-            let n = src.read_volatile(&s).map_err(|e| GuestMemoryError::from_volatile(at, e))?;
-            done += n;
-            if n < s.len() {
-                break;
-            }
-        }
-        Ok(done)
+        transfer_some(self, addr, count, |s| src.read_volatile(s))
     }
 
     fn read_exact_volatile_from<F: ReadVolatile + ?Sized>(
@@ -386,19 +372,7 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
         src: &mut F,
         count: usize,
     ) -> Result<()> {
-        self.check_access(addr, count, true)?;
-        let mut done = 0;
-        for s in self.get_slices(addr, count) {
-            let s = s?;
-            src.read_exact_volatile(&s).map_err(|e| match e {
-                VolatileError::PartialBuffer { completed, .. } => {
-                    GuestMemoryError::PartialBuffer { addr, expected: count, completed: done + completed }
-                }
-                e => GuestMemoryError::from_volatile(GuestAddress(addr.0.wrapping_add(done as u64)), e),
-            })?;
-            done += s.len();
-        }
-        Ok(())
+        transfer_all(self, addr, count, true, |s| src.read_exact_volatile(s))
     }
 
     /// Writes up to `count` bytes of guest memory at `addr` to `dst`, region after region,
@@ -409,21 +383,7 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
         dst: &mut F,
         count: usize,
     ) -> Result<usize> {
-        let mut done = 0;
-        for s in self.get_slices(addr, count) {
-            let s = match s {
-                Ok(s) => s,
-                Err(e) if done == 0 => return Err(e),
-                Err(_) => break,
-            };
-            let at = GuestAddress(addr.0.wrapping_add(done as u64));
-            let n = dst.write_volatile(&s).map_err(|e| GuestMemoryError::from_volatile(at, e))?;
-            done += n;
-            if n < s.len() {
-                break;
-            }
-        }
-        Ok(done)
+        transfer_some(self, addr, count, |s| dst.write_volatile(s))
     }
 
     fn write_all_volatile_to<F: WriteVolatile + ?Sized>(
@@ -432,19 +392,7 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
         dst: &mut F,
         count: usize,
     ) -> Result<()> {
-        self.check_access(addr, count, false)?;
-        let mut done = 0;
-        for s in self.get_slices(addr, count) {
-            let s = s?;
-            dst.write_all_volatile(&s).map_err(|e| match e {
-                VolatileError::PartialBuffer { completed, .. } => {
-                    GuestMemoryError::PartialBuffer { addr, expected: count, completed: done + completed }
-                }
-                e => GuestMemoryError::from_volatile(GuestAddress(addr.0.wrapping_add(done as u64)), e),
-            })?;
-            done += s.len();
-        }
-        Ok(())
+        transfer_all(self, addr, count, false, |s| dst.write_all_volatile(s))
     }
 
     #[inline]
@@ -460,6 +408,57 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
             .load(0, order)
             .map_err(|e| GuestMemoryError::from_volatile(addr, e))
     }
+}
+
+/// Moves up to `count` bytes between guest memory at `addr` and a file or stream, one region's
+/// slice at a time with `step` (which returns the bytes it moved), stopping at a short move or
+/// where guest memory ends. Fails only if nothing could be moved.
+fn transfer_some<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    count: usize,
+    mut step: impl FnMut(&GuestSlice<'_, M>) -> std::result::Result<usize, VolatileError>,
+) -> Result<usize> {
+    let mut done = 0;
+    for s in mem.get_slices(addr, count) {
+        let s = match s {
+            Ok(s) => s,
+            Err(e) if done == 0 => return Err(e),
+            Err(_) => break,
+        };
+        let at = GuestAddress(addr.0.wrapping_add(done as u64));
+        let n = step(&s).map_err(|e| GuestMemoryError::from_volatile(at, e))?;
+        done += n;
+        if n < s.len() {
+            break;
+        }
+    }
+    Ok(done)
+}
+
+/// Moves exactly `count` bytes between guest memory at `addr` and a file or stream, one
+/// region's slice at a time with `step`; the whole range is checked (backed by memory, and
+/// writable when `write`) before anything moves.
+fn transfer_all<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    count: usize,
+    write: bool,
+    mut step: impl FnMut(&GuestSlice<'_, M>) -> std::result::Result<(), VolatileError>,
+) -> Result<()> {
+    mem.check_access(addr, count, write)?;
+    let mut done = 0;
+    for s in mem.get_slices(addr, count) {
+        let s = s?;
+        step(&s).map_err(|e| match e {
+            VolatileError::PartialBuffer { completed, .. } => {
+                GuestMemoryError::PartialBuffer { addr, expected: count, completed: done + completed }
+            }
+            e => GuestMemoryError::from_volatile(GuestAddress(addr.0.wrapping_add(done as u64)), e),
+        })?;
+        done += s.len();
+    }
+    Ok(())
 }
 
 /// The cold path of a write that spans regions: check the whole range, then copy.

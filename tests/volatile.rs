@@ -4,50 +4,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use guestmem::sys::{mmap, munmap, MapFlags, Protection};
+use guestmem::mmap::{MmapRegion, MmapRegionBuilder};
 use guestmem::{Bytes, VolatileSlice};
 use proptest::prelude::*;
 
-/// A private anonymous mapping, unmapped on drop.
-struct Mapping {
-    ptr: *mut u8,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain memory; all access in these tests goes through volatile slices.
-unsafe impl Send for Mapping {}
-// SAFETY: as above.
-unsafe impl Sync for Mapping {}
-
-impl Mapping {
-    fn new(len: usize) -> Self {
-        // SAFETY: a new anonymous mapping; no MAP_FIXED.
-        let ptr = unsafe {
-            mmap(
-                std::ptr::null_mut(),
-                len,
-                Protection::READ_WRITE,
-                MapFlags::PRIVATE | MapFlags::ANONYMOUS,
-                None,
-                0,
-            )
-        }
-        .unwrap();
-        Mapping { ptr, len }
-    }
-
-    fn slice(&self) -> VolatileSlice<'_> {
-        // SAFETY: the mapping is valid for reads and writes while `self` lives, and no
-        // reference to it is ever created.
-        unsafe { VolatileSlice::new(self.ptr, self.len) }
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: no slice outlives `self` (they borrow it).
-        unsafe { munmap(self.ptr, self.len).unwrap() };
-    }
+/// A private anonymous mapping of `len` bytes, unmapped on drop.
+fn mapping(len: usize) -> MmapRegion {
+    MmapRegionBuilder::new(len).build().unwrap()
 }
 
 const LEN: usize = 4096 + 512;
@@ -222,8 +185,9 @@ proptest! {
 
     #[test]
     fn volatile_slice_matches_a_vec_model(ops in prop::collection::vec(op(), 1..40)) {
-        let m = Mapping::new(LEN);
-        let s = m.slice();
+        // A length that is not a page multiple: the slice covers part of a 2-page mapping.
+        let m = mapping(2 * 4096);
+        let s = m.as_volatile_slice().subslice(0, LEN).unwrap();
         let mut model = vec![0u8; LEN];
         for op in &ops {
             apply(&s, &mut model, op);
@@ -240,12 +204,12 @@ const PATTERNS: [u64; 2] = [0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210];
 
 #[test]
 fn aligned_accesses_do_not_tear_under_a_concurrent_writer() {
-    let m = Arc::new(Mapping::new(4096));
+    let m = Arc::new(mapping(4096));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (m, stop) = (m.clone(), stop.clone());
         std::thread::spawn(move || {
-            let s = m.slice();
+            let s = m.as_volatile_slice();
             let mut i = 0usize;
             while !stop.load(Ordering::Relaxed) {
                 let p = PATTERNS[i & 1];
@@ -259,7 +223,7 @@ fn aligned_accesses_do_not_tear_under_a_concurrent_writer() {
             i
         })
     };
-    let s = m.slice();
+    let s = m.as_volatile_slice();
     let r = s.get_ref::<u64>(320).unwrap();
     let (mut seen_a, mut seen_b) = (0u64, 0u64);
     for _ in 0..2_000_000 {
