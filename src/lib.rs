@@ -38,6 +38,7 @@ pub mod host;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod memory;
+pub mod migration;
 pub mod mmap;
 pub mod region;
 pub mod sys;
