@@ -1,14 +1,14 @@
 //! Live migration of a running guest's memory over loopback TCP, the way a VMM does it.
 //!
 //! ```text
-//! cargo run --release --example live_migration [MiB]              # 1024 MiB by default
-//! cargo run --release --features kvm --example live_migration     # merge KVM's log with KvmSlots
+//! cargo run --release --example live_migration [MiB] [--no-kvm]     # 1024 MiB by default
+//! cargo run --release --features kvm --example live_migration       # merge KVM's log with KvmSlots
 //! ```
 //!
 //! 1. Source memory (two regions, `MiB` in all) with dirty tracking, and a real KVM guest
 //!    whose vCPU keeps writing pseudo-random pages of a window of it (the test harness's
-//!    `LoopingWriter`, a real-mode program). Without a usable /dev/kvm, a host thread writing
-//!    through the API plays the guest.
+//!    `LoopingWriter`, a real-mode program). Without a usable /dev/kvm (or with `--no-kvm`), a
+//!    host thread writing through the API plays the guest.
 //! 2. A destination memory in another thread, fed by a `Receiver` over 127.0.0.1.
 //! 3. Pre-copy: round 0 sends all of memory, then rounds of dirty pages (KVM's dirty log
 //!    merged into guestmem's bitmaps before each harvest, so a round has the union of guest
@@ -58,10 +58,14 @@ fn main() -> ExitCode {
 }
 
 fn run() -> Result<bool, BoxError> {
-    let mib: u64 = match std::env::args().nth(1) {
-        Some(arg) => arg.parse().map_err(|e| format!("memory size in MiB {arg:?}: {e}"))?,
-        None => 1024,
-    };
+    let mut mib: u64 = 1024;
+    let mut use_kvm = true;
+    for arg in std::env::args().skip(1) {
+        match arg.as_str() {
+            "--no-kvm" => use_kvm = false,
+            _ => mib = arg.parse().map_err(|e| format!("memory size in MiB {arg:?}: {e}"))?,
+        }
+    }
     if !(32..=1 << 20).contains(&mib) {
         return Err(format!("memory size must be 32 MiB to 1 TiB, not {mib} MiB").into());
     }
@@ -92,7 +96,8 @@ fn run() -> Result<bool, BoxError> {
     let addr = listener.local_addr()?;
     let config = PrecopyConfig { downtime: DOWNTIME, max_rounds: 20, rate_window: 3 };
 
-    let (report, summary, guest_writes, paused_for) = match kvm_guest::kvm_available() {
+    let kvm = if use_kvm { kvm_guest::kvm_available() } else { Err("--no-kvm".to_string()) };
+    let (report, summary, guest_writes, paused_for) = match kvm {
         Ok(()) => {
             println!("guest: a real-mode KVM vCPU (LoopingWriter)");
             with_kvm_guest(&src, &dst, &writer, listener, addr, config)?
@@ -292,7 +297,7 @@ fn print_report(report: &MigrationReport, summary: &ReceiveSummary, guest_writes
         ),
     }
     println!(
-        "downtime: {:.1} ms (pausing the vCPU {:.2} ms + final round {:.1} ms); checksums {:.1} ms",
+        "downtime: {:.1} ms (pausing the guest {:.2} ms + final round {:.1} ms); checksums {:.1} ms",
         ms(paused_for + report.downtime),
         ms(paused_for),
         ms(report.downtime),

@@ -17,7 +17,10 @@ use guestmem::migration::{
     MAGIC, MAX_FRAME_DATA, VERSION,
 };
 use guestmem::mmap::MmapRegionBuilder;
-use guestmem::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
+use guestmem::sys::Protection;
+use guestmem::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 
@@ -539,6 +542,24 @@ fn hostile_frames_leave_memory_untouched() {
     // Frames out of order: done before checksums.
     let e = receive_err(&stream(&[frame(4, 0, 0, 0)]), true);
     assert!(matches!(e, MigrationError::UnexpectedFrame { found: "done", .. }), "{e}");
+}
+
+#[test]
+fn pages_for_read_only_memory_are_refused() {
+    let rom = GuestRegionMmap::build(
+        MmapRegionBuilder::<AtomicBitmap>::new(0x10000).protection(Protection::READ),
+        GuestAddress(0x10000),
+    )
+    .unwrap();
+    let ram =
+        GuestRegionMmap::build(MmapRegionBuilder::<AtomicBitmap>::new(0x10000), GuestAddress(0)).unwrap();
+    let dst = GuestMemoryMmap::from_regions(vec![ram, rom]).unwrap();
+    let mut s = stream(&[frame(1, 0, 0xf000, 0x2000)]);
+    s.extend_from_slice(&[0xcc; 0x2000]);
+    let e = Receiver::new(&s[..]).receive(&dst).unwrap_err();
+    assert!(matches!(e, MigrationError::Memory { source: GuestMemoryError::ReadOnly { .. }, .. }), "{e}");
+    assert_eq!(dst.read_obj::<u64>(GuestAddress(0xf000)).unwrap(), 0, "the writable part is untouched too");
+    assert_eq!(dst.dirty_page_count().unwrap(), 0);
 }
 
 #[test]

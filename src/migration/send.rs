@@ -398,19 +398,33 @@ impl Batch {
 /// # Safety
 /// Every iovec must describe memory valid for reads for the duration of the call.
 unsafe fn writev_all(fd: BorrowedFd<'_>, iov: &mut [libc::iovec]) -> io::Result<()> {
+    // SAFETY: the caller guarantees every iovec is readable for this call; `gather_all` only
+    // hands `writev` suffixes of them, advanced within their bounds.
+    gather_all(iov, |rest| sys::retry_eintr(|| unsafe { sys::fd::writev(fd, rest) }))
+}
+
+/// Calls `write` (a `writev`-like call) until every byte of `iov` is written: after a partial
+/// write, the written iovecs are skipped and the first unfinished one is advanced.
+fn gather_all(
+    iov: &mut [libc::iovec],
+    mut write: impl FnMut(&[libc::iovec]) -> io::Result<usize>,
+) -> io::Result<()> {
     let mut start = 0;
     while start < iov.len() && iov[start].iov_len == 0 {
         start += 1;
     }
     while start < iov.len() {
-        // SAFETY: the caller guarantees every iovec is readable for this call.
-        let mut n = sys::retry_eintr(|| unsafe { sys::fd::writev(fd, &iov[start..]) })?;
+        let mut n = write(&iov[start..])?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
         while start < iov.len() && n >= iov[start].iov_len {
             n -= iov[start].iov_len;
             start += 1;
+        }
+        if start == iov.len() && n > 0 {
+            // A call that claims more than it was given.
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "writev wrote more than asked"));
         }
         if n > 0 {
             // `n` is less than this iovec's length: skip its first `n` bytes.
@@ -420,4 +434,72 @@ unsafe fn writev_all(fd: BorrowedFd<'_>, iov: &mut [libc::iovec]) -> io::Result<
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iov(bytes: &[u8]) -> libc::iovec {
+        libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() }
+    }
+
+    /// Gathers with a "kernel" that takes at most `max` bytes per call.
+    fn gather(parts: &[&[u8]], max: usize) -> io::Result<(Vec<u8>, usize)> {
+        let mut v: Vec<libc::iovec> = parts.iter().map(|p| iov(p)).collect();
+        let (mut out, mut calls) = (Vec::new(), 0);
+        gather_all(&mut v, |rest| {
+            calls += 1;
+            let mut left = max;
+            for r in rest {
+                let k = r.iov_len.min(left);
+                // SAFETY: each iovec describes a live byte slice of `parts` (advanced within it).
+                out.extend_from_slice(unsafe { std::slice::from_raw_parts(r.iov_base as *const u8, k) });
+                left -= k;
+            }
+            Ok(max - left)
+        })?;
+        Ok((out, calls))
+    }
+
+    #[test]
+    fn partial_writes_resume_where_they_stopped() {
+        let (a, b, c): (Vec<u8>, Vec<u8>, Vec<u8>) = ((0..10).collect(), vec![], (10..37).collect());
+        let all: Vec<u8> = (0..37).collect();
+        for max in [1, 3, 10, 11, 36, 37, 1000] {
+            let (out, calls) = gather(&[&a, &b, &c], max).unwrap();
+            assert_eq!(out, all, "max {max}");
+            assert_eq!(calls, 37usize.div_ceil(max), "max {max}");
+        }
+        // Nothing to write: no call at all.
+        assert_eq!(gather(&[&b, &b], 5).unwrap(), (vec![], 0));
+        assert_eq!(gather(&[], 5).unwrap(), (vec![], 0));
+    }
+
+    #[test]
+    fn a_write_of_zero_or_too_much_is_an_error() {
+        let data = [1u8; 8];
+        let mut v = [iov(&data)];
+        let e = gather_all(&mut v, |_| Ok(0)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WriteZero);
+        let e = gather_all(&mut v, |_| Ok(9)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let e = gather_all(&mut v, |_| Err(io::ErrorKind::BrokenPipe.into())).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn frames_split_long_ranges() {
+        let f: Vec<_> = frames(GuestAddress(0x1000), 2 * MAX_FRAME_DATA + 5).collect();
+        assert_eq!(
+            f,
+            vec![
+                (GuestAddress(0x1000), MAX_FRAME_DATA),
+                (GuestAddress(0x1000 + MAX_FRAME_DATA), MAX_FRAME_DATA),
+                (GuestAddress(0x1000 + 2 * MAX_FRAME_DATA), 5)
+            ]
+        );
+        assert_eq!(frames(GuestAddress(0), 0).count(), 0);
+        assert_eq!(frames(GuestAddress(0), MAX_FRAME_DATA).count(), 1);
+    }
 }
