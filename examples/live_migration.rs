@@ -109,6 +109,17 @@ fn run() -> Result<bool, BoxError> {
     };
     print_report(&report, &summary, guest_writes, paused_for);
     println!("destination tracking saw {} dirty pages", dst.dirty_page_count()?);
+    // The receiver counted what arrived; it must be what the sender says it sent.
+    let sent_pages: u64 = report.rounds.iter().chain([&report.final_round]).map(|r| r.pages).sum();
+    if summary.rounds != report.rounds.len() as u64 + 1 || summary.pages != sent_pages {
+        println!(
+            "VERIFICATION FAILED: sent {} rounds and {sent_pages} pages, received {} rounds and {} pages",
+            report.rounds.len() + 1,
+            summary.rounds,
+            summary.pages
+        );
+        return Ok(false);
+    }
     verify(&src, &dst)
 }
 
