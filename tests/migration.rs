@@ -391,6 +391,7 @@ fn a_failing_sync_hook_stops_the_migration() {
         }
     });
     let e = precopy.run().unwrap_err();
+    assert!(format!("{precopy:?}").starts_with("Precopy {"));
     assert!(matches!(e, MigrationError::Sync(_)), "{e}");
     assert!(e.to_string().contains("KVM_GET_DIRTY_LOG"), "{e}");
     assert_eq!(precopy.rounds().len(), 1);

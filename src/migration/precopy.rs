@@ -111,7 +111,6 @@ pub struct MigrationReport {
 ///    every round's stats and the downtime.
 ///
 /// See the [module docs](super) for an example.
-#[derive(Debug)]
 pub struct Precopy<'m, W, B, F> {
     sender: Sender<W>,
     mem: &'m GuestMemoryMmap<B>,
@@ -122,6 +121,22 @@ pub struct Precopy<'m, W, B, F> {
     stop: Option<StopReason>,
     sent_bytes: u64,
     send_time: Duration,
+}
+
+/// Shows everything but the sync hook (closures have no `Debug`).
+impl<W: std::fmt::Debug, B: Bitmap, F> std::fmt::Debug for Precopy<'_, W, B, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Precopy")
+            .field("sender", &self.sender)
+            .field("mem", &self.mem)
+            .field("config", &self.config)
+            .field("rate", &self.rate)
+            .field("rounds", &self.rounds)
+            .field("stop", &self.stop)
+            .field("sent_bytes", &self.sent_bytes)
+            .field("send_time", &self.send_time)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<'m, W, B, F, E> Precopy<'m, W, B, F>
