@@ -40,6 +40,7 @@ pub mod host;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod memory;
+pub mod migration;
 pub mod mmap;
 pub mod region;
 pub mod sys;

@@ -1,0 +1,803 @@
+//! Live migration: pre-copy rounds over real sockets and pipes while writer threads (or a real
+//! KVM guest) dirty the source, then the final round with the source paused; the destination
+//! must equal the source byte for byte. And the receiver against hostile streams: every
+//! malformed input is an error (never a panic or an unbounded allocation), and a frame whose
+//! header is invalid leaves destination memory untouched.
+
+mod common;
+
+use std::io::{self, Read};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use guestmem::bitmap::{AtomicBitmap, BitmapError};
+use guestmem::migration::{
+    MigrationError, Precopy, PrecopyConfig, ReceiveSummary, Receiver, Sender, StopReason, FRAME_HEADER_LEN,
+    MAGIC, MAX_FRAME_DATA, VERSION,
+};
+use guestmem::mmap::MmapRegionBuilder;
+use guestmem::sys::Protection;
+use guestmem::{
+    Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
+
+type Mem = GuestMemoryMmap<AtomicBitmap>;
+
+const PAGE: u64 = 4096;
+const MIB: usize = 1 << 20;
+
+/// Two regions with a hole between them.
+fn layout() -> [(GuestAddress, usize); 2] {
+    [(GuestAddress(0), 8 * MIB), (GuestAddress(16 * MIB as u64), 8 * MIB)]
+}
+
+fn tracked(ranges: &[(GuestAddress, usize)]) -> Mem {
+    GuestMemoryMmap::from_ranges(ranges).unwrap()
+}
+
+/// Every byte of every region.
+fn contents<M: GuestMemory>(mem: &M) -> Vec<Vec<u8>> {
+    mem.iter()
+        .map(|r| {
+            let mut v = vec![0u8; r.len() as usize];
+            mem.read_slice(&mut v, r.start_addr()).unwrap();
+            v
+        })
+        .collect()
+}
+
+fn assert_same<M: GuestMemory, N: GuestMemory>(src: &M, dst: &N) {
+    let (a, b) = (contents(src), contents(dst));
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        if let Some(at) = x.iter().zip(y).position(|(p, q)| p != q) {
+            panic!("region {i} differs first at offset {at:#x}");
+        }
+    }
+}
+
+/// A small xorshift: deterministic pseudo-random numbers without a crate.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A random guest address in `mem`, 8-byte aligned.
+    fn addr(&mut self, mem: &Mem) -> GuestAddress {
+        let regions: Vec<_> = mem.iter().collect();
+        let r = regions[(self.next() % regions.len() as u64) as usize];
+        GuestAddress(r.start_addr().0 + (self.next() % (r.len() / 8)) * 8)
+    }
+}
+
+/// Fills every region with a pattern, through the API.
+fn fill(mem: &Mem, seed: u64) {
+    let mut rng = Rng(seed | 1);
+    for r in mem.iter() {
+        let data: Vec<u8> = (0..r.len()).map(|_| rng.next() as u8).collect();
+        mem.write_slice(&data, r.start_addr()).unwrap();
+    }
+}
+
+/// A writer thread dirtying `mem` through the API until `stop`, counting its writes in
+/// `writes` (by 64).
+fn run_writers(mem: &Mem, stop: &AtomicBool, writes: &AtomicU64, seed: u64) {
+    let mut rng = Rng(seed);
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        let addr = rng.addr(mem);
+        if n.is_multiple_of(3) {
+            mem.write_slice(&[n as u8; 100][..(n % 97) as usize], addr).ok(); // may cross a region end
+        } else {
+            mem.write_obj(n ^ seed, addr).unwrap();
+        }
+        n += 1;
+        if n.is_multiple_of(64) {
+            writes.fetch_add(64, Ordering::Relaxed);
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+#[test]
+fn precopy_with_concurrent_writers_over_a_unix_socket() {
+    let src = tracked(&layout());
+    fill(&src, 7);
+    let dst = tracked(&layout());
+    let (a, b) = UnixStream::pair().unwrap();
+    let stop = AtomicBool::new(false);
+    let writes = AtomicU64::new(0);
+    // No downtime budget: pre-copy runs until nothing is dirty or for `max_rounds`, so the
+    // writers get several dirty rounds to race with.
+    let config = PrecopyConfig { downtime: Duration::ZERO, max_rounds: 5, rate_window: 3 };
+    let (report, summary) = std::thread::scope(|s| {
+        let receiver = s.spawn(|| Receiver::new_vectored(b).receive(&dst));
+        let (src_ref, stop_ref, writes_ref) = (&src, &stop, &writes);
+        let writers: Vec<_> =
+            (0..2).map(|i| s.spawn(move || run_writers(src_ref, stop_ref, writes_ref, 11 + i))).collect();
+        while writes.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let mut precopy =
+            Precopy::new(Sender::new_vectored(a).unwrap(), &src, config, || Ok::<_, io::Error>(()));
+        let stop_reason = precopy.run().unwrap();
+        assert!(precopy.rounds().len() >= 2, "round 0 and at least one dirty round: {stop_reason:?}");
+        // Pause the source: stop and join the writers.
+        stop.store(true, Ordering::Relaxed);
+        for w in writers {
+            w.join().unwrap();
+        }
+        let (report, _) = precopy.complete().unwrap();
+        (report, receiver.join().unwrap().unwrap())
+    });
+    assert!(writes.load(Ordering::Relaxed) > 0);
+    assert_same(&src, &dst);
+    // Round 0 sent all 16 MiB, every round came with its stats, and the receiver agrees.
+    assert_eq!(report.rounds[0].bytes, 16 * MIB as u64);
+    assert!(report.rounds[1..].iter().all(|r| r.dirty_pages_per_sec.is_some()));
+    let all_rounds = report.rounds.len() as u64 + 1;
+    assert_eq!(summary.rounds, all_rounds);
+    let pages: u64 = report.rounds.iter().map(|r| r.pages).sum::<u64>() + report.final_round.pages;
+    assert_eq!(summary.pages, pages);
+    assert_eq!(summary.regions_verified, 2);
+    assert!(report.bandwidth > 0.0);
+    assert!(report.stream_bytes > 16 * MIB as u64);
+    match report.stop {
+        StopReason::Converged { remaining_bytes, .. } => assert_eq!(remaining_bytes, 0),
+        StopReason::MaxRounds { .. } => assert_eq!(report.rounds.len(), 6),
+    }
+    // The destination's own tracking saw every page arrive.
+    assert_eq!(dst.dirty_page_count().unwrap(), 16 * MIB / PAGE as usize);
+}
+
+#[test]
+fn plain_read_and_write_streams_carry_given_ranges() {
+    // Adjacent regions, so one range crosses from the first into the second; and a range
+    // longer than one frame.
+    let ranges = [(GuestAddress(0), 6 * MIB), (GuestAddress(6 * MIB as u64), MIB)];
+    let src = tracked(&ranges);
+    fill(&src, 3);
+    let dst = tracked(&ranges);
+    let send = [
+        (GuestAddress(0x1000), 0x10),
+        (GuestAddress(6 * MIB as u64 - 0x800), 0x1000),
+        (GuestAddress(0x10_0000), 5 << 20),
+    ];
+    let mut sender = Sender::new(Vec::new()).unwrap();
+    let bytes = sender.send_ranges(&src, &send).unwrap();
+    assert_eq!(bytes, 0x10 + 0x1000 + (5 << 20));
+    let end = sender.end_round().unwrap();
+    // 1 + 1 + 1280 pages: one short frame counts as a page, the long range in two frames.
+    assert_eq!((end.round, end.pages, end.bytes), (0, 1282, bytes));
+    // Round 1 sends the rest, so the checksums can agree.
+    sender.send_all(&src).unwrap();
+    assert_eq!(sender.end_round().unwrap().round, 1);
+    assert_eq!(sender.round(), 2);
+    let stream = sender.finish(&src).unwrap();
+    let mut receiver = Receiver::new(&stream[..]);
+    let summary = receiver.receive(&dst).unwrap();
+    assert_eq!(receiver.offset(), stream.len() as u64);
+    assert_eq!(
+        summary,
+        ReceiveSummary {
+            rounds: 2,
+            pages: 1282 + 7 * 256,
+            bytes: bytes + 7 * MIB as u64,
+            regions_verified: 2
+        }
+    );
+    assert_same(&src, &dst);
+}
+
+#[test]
+fn vectored_and_plain_paths_write_the_same_bytes() {
+    // Three adjacent small regions, hundreds of random ranges (many crossing regions): the
+    // batched `writev` path (more pieces than one batch holds) and the plain `Write` path must
+    // put the very same bytes on the stream.
+    let layout: Vec<_> = (0..3u64).map(|i| (GuestAddress(i * 0x10000), 0x10000)).collect();
+    let src = tracked(&layout);
+    fill(&src, 21);
+    let mut rng = Rng(99);
+    let ranges: Vec<(GuestAddress, u64)> = (0..300)
+        .map(|_| {
+            let start = rng.next() % 0x30000;
+            let len = (rng.next() % 0x5000).min(0x30000 - start);
+            (GuestAddress(start), len)
+        })
+        .collect();
+    fn send<W: io::Write>(sender: &mut Sender<W>, src: &Mem, ranges: &[(GuestAddress, u64)]) {
+        for chunk in ranges.chunks(100) {
+            sender.send_ranges(src, chunk).unwrap();
+            sender.end_round().unwrap();
+        }
+    }
+    let mut plain = Sender::new(Vec::new()).unwrap();
+    send(&mut plain, &src, &ranges);
+    let plain = plain.finish(&src).unwrap();
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        b.read_to_end(&mut all).unwrap();
+        all
+    });
+    let mut vectored = Sender::new_vectored(a).unwrap();
+    send(&mut vectored, &src, &ranges);
+    drop(vectored.finish(&src).unwrap());
+    assert!(reader.join().unwrap() == plain, "the two paths wrote different streams");
+    let dst = tracked(&layout);
+    assert_eq!(Receiver::new(&plain[..]).receive(&dst).unwrap_err().to_string(), {
+        // Only the ranges were sent, so the destination differs from the source: the receiver
+        // says which region first.
+        let sum = |i: usize| {
+            let mut c = guestmem::checksum::Checksum::new();
+            c.update(&contents(&src)[i]);
+            c.finish()
+        };
+        let expect = tracked(&layout);
+        for &(addr, len) in &ranges {
+            let mut buf = vec![0u8; len as usize];
+            src.read_slice(&mut buf, addr).unwrap();
+            expect.write_slice(&buf, addr).unwrap();
+        }
+        let first_bad = (0..3).find(|&i| contents(&expect)[i] != contents(&src)[i]).unwrap();
+        let actual = {
+            let mut c = guestmem::checksum::Checksum::new();
+            c.update(&contents(&expect)[first_bad]);
+            c.finish()
+        };
+        MigrationError::ChecksumMismatch {
+            addr: GuestAddress(first_bad as u64 * 0x10000),
+            len: 0x10000,
+            expected: sum(first_bad),
+            actual,
+        }
+        .to_string()
+    });
+}
+
+#[test]
+fn pipes_and_tcp_carry_the_stream_vectored() {
+    let src = tracked(&layout());
+    fill(&src, 5);
+    // A pipe (writev into a pipe, read(2) out of it).
+    let dst = tracked(&layout());
+    let (r, w) = io::pipe().unwrap();
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| Receiver::new_vectored(r).receive(&dst));
+        let mut sender = Sender::new_vectored(w).unwrap();
+        sender.send_all(&src).unwrap();
+        sender.end_round().unwrap();
+        drop(sender.finish(&src).unwrap());
+        receiver.join().unwrap().unwrap();
+    });
+    assert_same(&src, &dst);
+
+    // Loopback TCP, with the dirty pages of the source only.
+    let dst = tracked(&layout());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap();
+    src.take_dirty_ranges(|_, _| {}).unwrap();
+    src.write_obj(1u8, GuestAddress(0x5000)).unwrap();
+    std::thread::scope(|s| {
+        let receiver = s.spawn(|| Receiver::new_vectored(listener.accept().unwrap().0).receive(&dst));
+        let mut sender = Sender::new_vectored(std::net::TcpStream::connect(port).unwrap()).unwrap();
+        assert_eq!(sender.send_dirty(&src).unwrap(), 1);
+        sender.end_round().unwrap();
+        let before = sender.stream_bytes();
+        sender.send_all(&src).unwrap();
+        assert_eq!(sender.stream_bytes() - before, 16 * MIB as u64 + 4 * FRAME_HEADER_LEN as u64);
+        sender.end_round().unwrap();
+        let _tcp: std::net::TcpStream = sender.finish(&src).unwrap();
+        assert_eq!(receiver.join().unwrap().unwrap().rounds, 2);
+    });
+    assert_same(&src, &dst);
+}
+
+#[test]
+fn failed_send_puts_the_dirty_pages_back() {
+    let src = tracked(&layout());
+    src.write_slice(&[1; 3 * PAGE as usize], GuestAddress(0x10_0000)).unwrap();
+    src.write_obj(1u8, GuestAddress(16 * MIB as u64)).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut sender = Sender::new_vectored(a).unwrap();
+    drop(b);
+    let e = sender.send_dirty(&src).unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Io { ref source, .. } if source.kind() == io::ErrorKind::BrokenPipe),
+        "{e}"
+    );
+    assert_eq!(src.dirty_page_count().unwrap(), 4);
+
+    // The same through the plain `Write` path, with a sink that fails.
+    struct Full;
+    impl io::Write for Full {
+        fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    assert!(matches!(Sender::new(Full), Err(MigrationError::Io { .. })));
+    let mut ok_once = Sender::new(Vec::new()).unwrap();
+    ok_once.send_dirty(&src).unwrap();
+    assert_eq!(src.dirty_page_count().unwrap(), 0);
+    src.restore_dirty_ranges(&[(GuestAddress(0x10_0000), 3 * PAGE)]).unwrap();
+    // A sender whose stream fails after the header.
+    let mut budget = 16usize;
+    struct Limited<'a>(&'a mut usize);
+    impl io::Write for Limited<'_> {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            if *self.0 == 0 {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            let n = b.len().min(*self.0);
+            *self.0 -= n;
+            Ok(n)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut sender = Sender::new(Limited(&mut budget)).unwrap();
+    assert!(matches!(sender.send_dirty(&src), Err(MigrationError::Io { .. })));
+    assert_eq!(src.dirty_page_count().unwrap(), 3);
+}
+
+#[test]
+fn sender_refuses_ranges_outside_memory_and_untracked_memory() {
+    let src = tracked(&layout());
+    let mut sender = Sender::new(Vec::new()).unwrap();
+    // The second range runs into the hole: nothing is sent, not even the valid first range.
+    let e = sender
+        .send_ranges(&src, &[(GuestAddress(0), PAGE), (GuestAddress(8 * MIB as u64 - PAGE), 2 * PAGE)])
+        .unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Memory { addr: GuestAddress(a), len: 8192, .. } if a == 8 * MIB as u64 - PAGE),
+        "{e}"
+    );
+    assert!(matches!(
+        sender.send_ranges(&src, &[(GuestAddress(0), u64::MAX)]),
+        Err(MigrationError::Memory { .. })
+    ));
+    assert_eq!(sender.get_ref().len(), 16, "only the stream header");
+
+    let untracked = GuestRegionMmap::build(
+        MmapRegionBuilder::<Option<AtomicBitmap>>::new(MIB).dirty_tracking(false),
+        GuestAddress(0),
+    )
+    .unwrap();
+    let untracked = GuestMemoryMmap::from_regions(vec![untracked]).unwrap();
+    let e = sender.send_dirty(&untracked).unwrap_err();
+    assert!(matches!(e, MigrationError::Harvest(BitmapError::NotTracking)), "{e}");
+}
+
+#[test]
+fn a_failing_sync_hook_stops_the_migration() {
+    let src = tracked(&layout());
+    let mut calls = 0;
+    let mut precopy = Precopy::new(Sender::new(io::sink()).unwrap(), &src, PrecopyConfig::default(), || {
+        calls += 1;
+        if calls > 1 {
+            Err(io::Error::other("KVM_GET_DIRTY_LOG failed"))
+        } else {
+            Ok(())
+        }
+    });
+    let e = precopy.run().unwrap_err();
+    assert!(format!("{precopy:?}").starts_with("Precopy {"));
+    assert!(matches!(e, MigrationError::Sync(_)), "{e}");
+    assert!(e.to_string().contains("KVM_GET_DIRTY_LOG"), "{e}");
+    assert_eq!(precopy.rounds().len(), 1);
+}
+
+#[test]
+fn precopy_stops_after_max_rounds_when_it_cannot_converge() {
+    let src = tracked(&[(GuestAddress(0), MIB)]);
+    // A "guest" that dirties everything before every harvest: never converges.
+    let config = PrecopyConfig { downtime: Duration::ZERO, max_rounds: 3, rate_window: 2 };
+    let sync = || src.restore_dirty_ranges(&[(GuestAddress(0), MIB as u64)]);
+    let precopy = Precopy::new(Sender::new(Vec::new()).unwrap(), &src, config, sync);
+    let (report, stream) = precopy.complete().unwrap();
+    assert_eq!(report.stop, StopReason::MaxRounds { remaining_bytes: MIB as u64 });
+    assert_eq!(report.rounds.len(), 4);
+    assert!(report.rounds.iter().all(|r| r.bytes == MIB as u64));
+    assert_eq!(report.final_round.round, 4);
+    assert!(report.rounds[0].bandwidth() > 0.0);
+    assert_eq!(report.stream_bytes, stream.len() as u64);
+    let dst = tracked(&[(GuestAddress(0), MIB)]);
+    assert_eq!(Receiver::new(&stream[..]).receive(&dst).unwrap().rounds, 5);
+}
+
+#[cfg(feature = "kvm")]
+#[test]
+fn precopy_while_a_kvm_guest_writes() {
+    use common::kvm_guest::{self, run_until_exits, GuestError, LoopingWriter, TestVm, COUNT_OFFSET};
+    use guestmem::kvm::KvmSlots;
+    use std::os::fd::{AsRawFd, BorrowedFd};
+
+    if common::need("kvm", "precopy_while_a_kvm_guest_writes", kvm_guest::kvm_available()).is_none() {
+        return;
+    }
+    const CODE_GPA: u64 = 0x1000;
+    let src = tracked(&layout());
+    fill(&src, 9);
+    let dst = tracked(&layout());
+    let mut vm = TestVm::new().unwrap();
+    // SAFETY: the VM fd is open while `vm` lives; we only borrow it to duplicate it.
+    let vm_fd = unsafe { BorrowedFd::borrow_raw(vm.vm_fd().as_raw_fd()) }.try_clone_to_owned().unwrap();
+    let mut slots = KvmSlots::new(vm_fd, true);
+    slots.register(&src).unwrap();
+    let cpu = vm.add_vcpu().unwrap();
+    // 1024 pages spread over both regions' guest-reachable part: the first region's upper
+    // half.
+    let writer = LoopingWriter { writes_per_exit: 32, ..LoopingWriter::new(0x40_0000, 1024) };
+    kvm_guest::start_looping_writer(vm.vcpu(cpu).unwrap(), CODE_GPA, &writer, &mut |gpa, code| {
+        src.write_slice(code, GuestAddress(gpa)).map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
+    })
+    .unwrap();
+
+    let (a, b) = UnixStream::pair().unwrap();
+    let stop = AtomicBool::new(false);
+    let progress = AtomicU64::new(0);
+    let config = PrecopyConfig { downtime: Duration::from_millis(2), max_rounds: 6, rate_window: 3 };
+    let vcpu = vm.vcpu(cpu).unwrap();
+    let (report, guest_writes) = std::thread::scope(|s| {
+        let receiver = s.spawn(|| Receiver::new_vectored(b).receive(&dst));
+        let (stop_ref, progress_ref) = (&stop, &progress);
+        let guest = s.spawn(move || {
+            let mut last = 0;
+            while !stop_ref.load(Ordering::Relaxed) {
+                last = run_until_exits(vcpu, writer.port, 1).unwrap()[0];
+                progress_ref.store(u64::from(last), Ordering::Relaxed);
+            }
+            last
+        });
+        // The guest is running before round 0 starts, and writes on after the pre-copy rounds,
+        // so that the final round has guest writes to carry.
+        let wait_for = |writes: u64| {
+            while progress.load(Ordering::Relaxed) < writes {
+                std::thread::yield_now();
+            }
+        };
+        wait_for(1);
+        let sync = || slots.sync_dirty_log().map(drop);
+        let mut precopy = Precopy::new(Sender::new_vectored(a).unwrap(), &src, config, sync);
+        precopy.run().unwrap();
+        wait_for(progress.load(Ordering::Relaxed) + 2 * u64::from(writer.writes_per_exit));
+        // Pause the vCPU at its next I/O exit.
+        stop.store(true, Ordering::Relaxed);
+        let guest_writes = guest.join().unwrap();
+        let (report, _) = precopy.complete().unwrap();
+        receiver.join().unwrap().unwrap();
+        (report, guest_writes)
+    });
+    assert!(guest_writes > 0);
+    // The guest's writes reached the destination: each page's count grew (from the fill
+    // pattern, recomputed on a fresh memory) by how often the guest picked it.
+    let fresh = tracked(&layout());
+    fill(&fresh, 9);
+    let mut picked = std::collections::BTreeMap::<u64, u32>::new();
+    for p in writer.pages().take(guest_writes as usize) {
+        *picked.entry(p).or_default() += 1;
+    }
+    for (&p, &n) in &picked {
+        let count = |m: &Mem| m.read_obj::<u32>(GuestAddress(p + COUNT_OFFSET)).unwrap();
+        assert_eq!(count(&dst).wrapping_sub(count(&fresh)), n, "page {p:#x}");
+    }
+    assert!(report.final_round.pages > 0, "the final round carries the guest's last writes");
+    assert_same(&src, &dst);
+}
+
+// ---- Hostile streams ----
+
+fn stream_header(magic: [u8; 8], version: u32, flags: u32) -> Vec<u8> {
+    let mut h = magic.to_vec();
+    h.extend_from_slice(&version.to_le_bytes());
+    h.extend_from_slice(&flags.to_le_bytes());
+    h
+}
+
+fn frame(kind: u32, flags: u32, a: u64, b: u64) -> Vec<u8> {
+    let mut f = kind.to_le_bytes().to_vec();
+    f.extend_from_slice(&flags.to_le_bytes());
+    f.extend_from_slice(&a.to_le_bytes());
+    f.extend_from_slice(&b.to_le_bytes());
+    f
+}
+
+/// A valid stream header followed by `frames`.
+fn stream(frames: &[Vec<u8>]) -> Vec<u8> {
+    let mut s = stream_header(MAGIC, VERSION, 0);
+    for f in frames {
+        s.extend_from_slice(f);
+    }
+    s
+}
+
+fn small() -> Mem {
+    tracked(&[(GuestAddress(0), 0x10000), (GuestAddress(0x20000), 0x10000)])
+}
+
+/// Receives `bytes` into a fresh small memory through both paths (plain `Read` and a socket
+/// fd); both must fail the same way and leave the memory as `untouched` says.
+fn receive_err(bytes: &[u8], untouched: bool) -> MigrationError {
+    let mut errors = Vec::new();
+    for vectored in [false, true] {
+        let dst = small();
+        let e = if vectored {
+            let (mut a, b) = UnixStream::pair().unwrap();
+            let data = bytes.to_vec();
+            let w = std::thread::spawn(move || io::Write::write_all(&mut a, &data));
+            let e = Receiver::new_vectored(b).receive(&dst).unwrap_err();
+            // The writer may fail once the receiver hangs up early.
+            let _ = w.join().unwrap();
+            e
+        } else {
+            Receiver::new(bytes).receive(&dst).unwrap_err()
+        };
+        if untouched {
+            assert!(contents(&dst).iter().all(|r| r.iter().all(|&b| b == 0)), "{e}: memory touched");
+            assert_eq!(dst.dirty_page_count().unwrap(), 0, "{e}: pages marked");
+        }
+        errors.push(e);
+    }
+    assert_eq!(errors[0].to_string(), errors[1].to_string());
+    errors.pop().unwrap()
+}
+
+#[test]
+fn hostile_stream_headers() {
+    let e = receive_err(&[], true);
+    assert!(
+        matches!(e, MigrationError::Truncated { offset: 0, what: "the stream header", expected: 16, got: 0 }),
+        "{e}"
+    );
+    let e = receive_err(&stream_header(MAGIC, VERSION, 0)[..10], true);
+    assert!(matches!(e, MigrationError::Truncated { got: 10, .. }), "{e}");
+    let e = receive_err(&stream_header(*b"GMEMMIG\x01", VERSION, 0), true);
+    assert!(matches!(e, MigrationError::BadMagic(m) if m == *b"GMEMMIG\x01"), "{e}");
+    let e = receive_err(&stream_header(MAGIC, 2, 0), true);
+    assert!(matches!(e, MigrationError::UnsupportedVersion(2)), "{e}");
+    let e = receive_err(&stream_header(MAGIC, VERSION, 1), true);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "stream header flags", offset: 0 }), "{e}");
+    // A valid header and nothing else.
+    let e = receive_err(&stream(&[]), true);
+    assert!(matches!(e, MigrationError::Truncated { offset: 16, what: "a frame header", got: 0, .. }), "{e}");
+}
+
+#[test]
+fn hostile_frames_leave_memory_untouched() {
+    let e = receive_err(&stream(&[frame(9, 0, 0, 0)]), true);
+    assert!(matches!(e, MigrationError::UnknownFrame { kind: 9, offset: 16 }), "{e}");
+    let e = receive_err(&stream(&[frame(1, 0x8000_0000, 0, 16)]), true);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "frame flags", .. }), "{e}");
+    let e = receive_err(&stream(&[frame(1, 0, 0x1000, 0)]), true);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "empty pages frame", .. }), "{e}");
+    // Absurd lengths are refused before anything is read or allocated.
+    for len in [MAX_FRAME_DATA + 1, u64::MAX] {
+        let e = receive_err(&stream(&[frame(1, 0, 0, len)]), true);
+        assert!(
+            matches!(e, MigrationError::FrameTooLarge { offset: 16, len: l, max: MAX_FRAME_DATA } if l == len),
+            "{e}"
+        );
+    }
+    // Addresses outside memory: past the end, in the hole, straddling into the hole, wrapping.
+    for (addr, len) in [(0x30000u64, 16u64), (0x10000, 16), (0xfff8, 16), (u64::MAX - 7, 16)] {
+        let mut s = stream(&[frame(1, 0, addr, len)]);
+        s.extend_from_slice(&vec![0xaa; len as usize]);
+        let e = receive_err(&s, true);
+        assert!(
+            matches!(e, MigrationError::Memory { addr: GuestAddress(a), len: l, .. } if a == addr && l == len),
+            "{e}"
+        );
+    }
+    // A frame header cut short.
+    let mut s = stream(&[frame(1, 0, 0, 16)]);
+    s.truncate(16 + 10);
+    let e = receive_err(&s, true);
+    assert!(
+        matches!(e, MigrationError::Truncated { offset: 16, what: "a frame header", expected: 24, got: 10 }),
+        "{e}"
+    );
+    // Frames out of order: done before checksums.
+    let e = receive_err(&stream(&[frame(4, 0, 0, 0)]), true);
+    assert!(matches!(e, MigrationError::UnexpectedFrame { found: "done", .. }), "{e}");
+}
+
+#[test]
+fn pages_for_read_only_memory_are_refused() {
+    let rom = GuestRegionMmap::build(
+        MmapRegionBuilder::<AtomicBitmap>::new(0x10000).protection(Protection::READ),
+        GuestAddress(0x10000),
+    )
+    .unwrap();
+    let ram =
+        GuestRegionMmap::build(MmapRegionBuilder::<AtomicBitmap>::new(0x10000), GuestAddress(0)).unwrap();
+    let dst = GuestMemoryMmap::from_regions(vec![ram, rom]).unwrap();
+    let mut s = stream(&[frame(1, 0, 0xf000, 0x2000)]);
+    s.extend_from_slice(&[0xcc; 0x2000]);
+    let e = Receiver::new(&s[..]).receive(&dst).unwrap_err();
+    assert!(matches!(e, MigrationError::Memory { source: GuestMemoryError::ReadOnly { .. }, .. }), "{e}");
+    assert_eq!(dst.read_obj::<u64>(GuestAddress(0xf000)).unwrap(), 0, "the writable part is untouched too");
+    assert_eq!(dst.dirty_page_count().unwrap(), 0);
+}
+
+#[test]
+fn hostile_page_data_and_rounds() {
+    // Page data cut short: the bytes that arrived are in memory (and marked), the receive fails.
+    let mut s = stream(&[frame(1, 0, 0x2000, 0x1000)]);
+    s.extend_from_slice(&[0x5a; 100]);
+    let e = receive_err(&s, false);
+    assert!(
+        matches!(e, MigrationError::Truncated { offset: 40, what: "page data", expected: 0x1000, got: 100 }),
+        "{e}"
+    );
+    // End of round with the wrong page count, then with the wrong round number.
+    let mut s = stream(&[frame(1, 0, 0, 0x1001)]);
+    s.extend_from_slice(&[1; 0x1001]);
+    let mut wrong_pages = s.clone();
+    wrong_pages.extend_from_slice(&frame(2, 0, 0, 1));
+    let e = receive_err(&wrong_pages, false);
+    assert!(
+        matches!(
+            e,
+            MigrationError::RoundMismatch { round: 0, pages: 1, expected_round: 0, received_pages: 2 }
+        ),
+        "{e}"
+    );
+    let e = receive_err(&stream(&[frame(2, 0, 0, 0), frame(2, 0, 5, 0)]), true);
+    assert!(matches!(e, MigrationError::RoundMismatch { round: 5, expected_round: 1, .. }), "{e}");
+}
+
+/// The checksum entries of `mem`'s regions, as the sender would put them.
+fn entries(mem: &Mem, tweak: impl Fn(usize, &mut [u64; 3])) -> Vec<Vec<u8>> {
+    let mut sender = Sender::new(Vec::new()).unwrap();
+    sender.end_round().unwrap();
+    let stream = sender.finish(mem).unwrap();
+    // Header (16), end of round (24), checksums frame header (24), then the entries.
+    let body = &stream[16 + 24 + 24..stream.len() - 24];
+    body.chunks(24)
+        .enumerate()
+        .map(|(i, c)| {
+            let mut v = [0u64; 3];
+            for (j, x) in v.iter_mut().enumerate() {
+                *x = u64::from_le_bytes(c[j * 8..j * 8 + 8].try_into().unwrap());
+            }
+            tweak(i, &mut v);
+            v.iter().flat_map(|x| x.to_le_bytes()).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn hostile_checksums_and_end_of_stream() {
+    let dst = small();
+    let good = entries(&dst, |_, _| {});
+    // The honest stream: no pages, checksums of zeroed memory, done.
+    let mut frames = vec![frame(3, 0, 2, 0)];
+    frames.extend(good.iter().cloned());
+    frames.push(frame(4, 0, 0, 0));
+    assert_eq!(Receiver::new(&stream(&frames)[..]).receive(&dst).unwrap().regions_verified, 2);
+
+    let e = receive_err(&stream(&[frame(3, 0, 3, 0)]), true);
+    assert!(matches!(e, MigrationError::RegionCount { source_regions: 3, destination_regions: 2 }), "{e}");
+    let e = receive_err(&stream(&[frame(3, 0, u64::MAX, 0)]), true);
+    assert!(matches!(e, MigrationError::RegionCount { .. }), "{e}");
+    let e = receive_err(&stream(&[frame(3, 0, 2, 1)]), true);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "checksums frame argument", .. }), "{e}");
+    let mut frames = vec![frame(3, 0, 2, 0)];
+    frames.extend(entries(&dst, |i, v| {
+        if i == 1 {
+            v[0] = 0x30000
+        }
+    }));
+    let e = receive_err(&stream(&frames), true);
+    assert!(matches!(e, MigrationError::RegionMismatch { addr: GuestAddress(0x30000), len: 0x10000 }), "{e}");
+    let mut frames = vec![frame(3, 0, 2, 0)];
+    frames.extend(entries(&dst, |i, v| {
+        if i == 1 {
+            v[2] ^= 1
+        }
+    }));
+    let e = receive_err(&stream(&frames), true);
+    assert!(
+        matches!(e, MigrationError::ChecksumMismatch { addr: GuestAddress(0x20000), len: 0x10000, .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("0x20000"), "the error names the region: {e}");
+    let mut s = stream(&[frame(3, 0, 2, 0), good[0].clone()]);
+    s.extend_from_slice(&good[1][..20]);
+    let e = receive_err(&s, true);
+    assert!(matches!(e, MigrationError::Truncated { what: "a checksum entry", got: 20, .. }), "{e}");
+
+    // After the checksums only done, with zero arguments, may come.
+    let mut after = vec![frame(3, 0, 2, 0)];
+    after.extend(good.iter().cloned());
+    let mut pages = after.clone();
+    pages.push(frame(1, 0, 0, 16));
+    let e = receive_err(&stream(&pages), true);
+    assert!(matches!(e, MigrationError::UnexpectedFrame { found: "pages", expected: "done", .. }), "{e}");
+    after.push(frame(4, 0, 1, 0));
+    let e = receive_err(&stream(&after), true);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "done frame arguments", .. }), "{e}");
+}
+
+#[test]
+fn a_failing_read_is_an_io_error() {
+    struct Failing(Vec<u8>);
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0.drain(..n);
+            Ok(n)
+        }
+    }
+    let dst = small();
+    // In a header, and in page data.
+    let e = Receiver::new(Failing(stream(&[]))).receive(&dst).unwrap_err();
+    assert!(matches!(e, MigrationError::Io { op: "reading the stream", .. }), "{e}");
+    let e = Receiver::new(Failing(stream(&[frame(1, 0, 0, 16)]))).receive(&dst).unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Io { op: "reading page data", ref source, .. } if source.kind() == io::ErrorKind::ConnectionReset),
+        "{e}"
+    );
+}
+
+#[test]
+fn mutated_streams_never_panic() {
+    // A valid stream, then thousands of random corruptions of it: every receive ends in Ok or
+    // an error, quickly, without a panic.
+    let src = small();
+    fill(&src, 1);
+    let mut sender = Sender::new(Vec::new()).unwrap();
+    sender.send_all(&src).unwrap();
+    sender.end_round().unwrap();
+    sender.send_ranges(&src, &[(GuestAddress(0x1000), 0x3000), (GuestAddress(0x2f000), 0x1000)]).unwrap();
+    sender.end_round().unwrap();
+    sender.send_ranges(&src, &[(GuestAddress(0xff00), 0x100)]).unwrap();
+    sender.end_round().unwrap();
+    let good = sender.finish(&src).unwrap();
+    let mut rng = Rng(0x1234_5678);
+    let dst = small();
+    Receiver::new(&good[..]).receive(&dst).unwrap();
+    let mut errors = 0;
+    for _ in 0..3000 {
+        let mut s = good.clone();
+        match rng.next() % 4 {
+            0 => s.truncate((rng.next() % s.len() as u64) as usize),
+            1 => {
+                let i = (rng.next() % s.len() as u64) as usize;
+                s[i] ^= 1 << (rng.next() % 8);
+            }
+            2 => {
+                // Corrupt a header field: in the first 200 bytes or the tail, where headers are.
+                let i = if rng.next().is_multiple_of(2) {
+                    rng.next() % 200
+                } else {
+                    s.len() as u64 - 1 - rng.next() % 100
+                };
+                s[i as usize] = rng.next() as u8;
+            }
+            _ => {
+                let i = (rng.next() % s.len() as u64) as usize;
+                let junk: Vec<u8> = (0..rng.next() % 64).map(|_| rng.next() as u8).collect();
+                s.splice(i..i, junk);
+            }
+        }
+        if Receiver::new(&s[..]).receive(&dst).is_err() {
+            errors += 1;
+        }
+    }
+    assert!(errors > 2500, "{errors} of 3000 corrupted streams were refused");
+}
