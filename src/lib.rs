@@ -40,6 +40,7 @@ pub mod kvm;
 pub mod memory;
 pub mod mmap;
 pub mod region;
+pub mod snapshot;
 pub mod sys;
 pub mod volatile;
 
