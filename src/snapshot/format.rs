@@ -13,19 +13,19 @@ pub const MAGIC: [u8; 8] = *b"GMEMSNAP";
 /// The format version this crate writes and reads.
 pub const VERSION: u32 = 1;
 /// Bytes of the fixed header.
-pub const HEADER_LEN: u64 = 64;
+pub(crate) const HEADER_LEN: u64 = 64;
 /// Bytes of one region table entry.
-pub const REGION_ENTRY_LEN: u64 = 48;
+pub(crate) const REGION_ENTRY_LEN: u64 = 48;
 /// Byte offset of the header checksum in the header.
-pub const HEADER_CHECKSUM_OFFSET: usize = 40;
+pub(crate) const HEADER_CHECKSUM_OFFSET: usize = 40;
 /// Flag bit: the file is a diff snapshot (each region has a page bitmap).
-pub const FLAG_DIFF: u32 = 1;
+pub(crate) const FLAG_DIFF: u32 = 1;
 /// The most regions a file may describe (far more than any VM has; bounds what a corrupt
 /// count can make us allocate).
-pub const MAX_REGIONS: u32 = 1 << 16;
+pub(crate) const MAX_REGIONS: u32 = 1 << 16;
 /// The largest header area (header, table and bitmaps) we read: 1 GiB of bitmap covers 32 TiB
 /// of guest memory in 4 KiB pages.
-pub const MAX_HEADER_AREA: u64 = 1 << 30;
+pub(crate) const MAX_HEADER_AREA: u64 = 1 << 30;
 
 /// Whether a snapshot holds whole memory or only some pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -46,6 +46,21 @@ impl std::fmt::Display for SnapshotKind {
 }
 
 /// One region as a snapshot file describes it.
+///
+/// ```
+/// use guestmem::bitmap::AtomicBitmap;
+/// use guestmem::{snapshot, Bytes, GuestAddress, GuestMemoryMmap};
+/// let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+/// mem.write_obj(1u8, GuestAddress(0x2000)).unwrap();
+/// mem.write_obj(1u8, GuestAddress(0x3000)).unwrap();
+/// let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+/// snapshot::dump_dirty(&mem, &file).unwrap();
+/// let info = snapshot::read_info(&file).unwrap();
+/// let region = &info.regions[0];
+/// assert!(region.holds_page(2) && !region.holds_page(4));
+/// assert_eq!(region.held_runs(info.page_size), vec![(2, 2)]);
+/// assert_eq!(region.held_pages(info.page_size), 2);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotRegion {
     /// Guest address of the region's first byte.
@@ -110,6 +125,17 @@ impl SnapshotRegion {
 }
 
 /// What a snapshot file's header says: its kind, page size, sizes and regions.
+///
+/// ```
+/// use guestmem::snapshot::{SnapshotInfo, SnapshotKind};
+/// use guestmem::{snapshot, GuestAddress, GuestMemoryMmap};
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+/// let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+/// snapshot::dump(&mem, &file).unwrap();
+/// let info = SnapshotInfo::read(&file).unwrap();
+/// assert_eq!(info.kind, SnapshotKind::Full);
+/// assert_eq!(info.file_len, info.regions[0].data_offset + 0x10000);
+/// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotInfo {
     /// Full or diff.

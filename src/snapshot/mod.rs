@@ -91,6 +91,13 @@ use crate::volatile::{ReadVolatileAt, VolatileError, VolatileSlice, WriteVolatil
 
 /// Errors of taking, checking and restoring snapshots. Every refusal of a file happens before
 /// guest memory is changed.
+///
+/// ```
+/// use guestmem::snapshot::{self, SnapshotError};
+/// let empty = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+/// let e = snapshot::read_info(&empty).unwrap_err();
+/// assert!(matches!(e, SnapshotError::Truncated { part: "header", file_len: 0, .. }));
+/// ```
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// A read, write or other call on the snapshot file failed.
@@ -281,6 +288,15 @@ fn write_all_at<W: SnapshotWriter + ?Sized, S: BitmapSlice>(
 }
 
 /// What a dump or rebase wrote.
+///
+/// ```
+/// use guestmem::{snapshot, Bytes, GuestAddress, GuestMemoryMmap};
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+/// mem.write_obj(1u8, GuestAddress(0)).unwrap();
+/// let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+/// let s = snapshot::dump(&mem, &file).unwrap();
+/// assert_eq!((s.pages_held, s.pages_written, s.zero_pages, s.bytes_written), (4, 1, 3, 4096));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DumpStats {
     /// The snapshot's length (its apparent size; holes included).
@@ -296,6 +312,16 @@ pub struct DumpStats {
 }
 
 /// What a restore copied.
+///
+/// ```
+/// use guestmem::{snapshot, Bytes, GuestAddress, GuestMemoryMmap};
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
+/// let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+/// snapshot::dump(&mem, &file).unwrap(); // all zeros: no data at all
+/// mem.write_obj(1u8, GuestAddress(0x1000)).unwrap();
+/// let s = snapshot::restore_into(&mem, &file).unwrap();
+/// assert_eq!((s.bytes_read, s.bytes_zeroed), (0, 4096));
+/// ```
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RestoreStats {
     /// Bytes read from the file into guest memory (data extents only).
@@ -678,7 +704,8 @@ fn match_regions(info: &SnapshotInfo, target: &[(GuestAddress, u64)]) -> Result<
     Ok(())
 }
 
-/// Copies a snapshot (full or diff) into `mem`, whose regions must be exactly the snapshot's.
+/// Copies a snapshot (full or diff) into `mem`, whose regions must be exactly the snapshot's
+/// (same guest addresses and lengths) and writable.
 ///
 /// **The file is read twice.** The first pass validates everything (header, table, regions
 /// against `mem`, writability, and every region's data checksum) so that a bad file is refused
@@ -769,7 +796,10 @@ fn zero_nonzero_pages<S: BitmapSlice>(
 
 /// New guest memory that maps a full snapshot `MAP_PRIVATE`, one region per table entry
 /// ([`Backing::File`] with `shared: false`): nothing is copied, pages are read from the file
-/// on first touch, and guest writes go to private copies, never to the file.
+/// on first touch, and guest writes go to private copies, never to the file. The memory keeps
+/// the file open; do not truncate or rewrite the file while it is mapped (a shorter file makes
+/// access past its new end fault, as for any file mapping; rewritten pages show through where
+/// the guest has not written).
 ///
 /// To stay independent of the memory size this checks only the header area (magic, version,
 /// header checksum, layout) and the file length, so the mapping can never run past the end of
