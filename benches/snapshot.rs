@@ -1,7 +1,9 @@
 //! Snapshots against the raw system calls, in the same run on the same memory and filesystem.
 //!
 //! - `dump/1GiB`: a full dump of 1 GiB with half of it zero pages (in 64 KiB blocks chosen
-//!   pseudo-randomly) against one `write(2)` stream of the same 1 GiB into a truncated file.
+//!   pseudo-randomly) against one `write(2)` stream of the same 1 GiB into a truncated file;
+//!   `dump_scattered/1GiB` the same with zero pages chosen page by page (the worst case: one
+//!   `pwrite(2)` per run of about two pages).
 //! - `restore_copy/1GiB`: `restore_into` of that dump (checksum pass + copy pass) against
 //!   `read(2)` of the whole file into memory.
 //! - `diff/1GiB`: a diff dump of 1% dirty pages (harvest, bitmap, header, `pwrite`s) against
@@ -40,16 +42,21 @@ fn mix(x: u64) -> u64 {
 
 /// 1 GiB of guest memory, half of its 64 KiB blocks non-zero.
 fn memory() -> GuestMemoryMmap<AtomicBitmap> {
+    memory_in_blocks(BLOCK)
+}
+
+/// 1 GiB of guest memory, half of its blocks of `block` bytes non-zero.
+fn memory_in_blocks(block_size: usize) -> GuestMemoryMmap<AtomicBitmap> {
     let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), SIZE)]).unwrap();
-    let mut block = vec![0u8; BLOCK];
-    for b in 0..SIZE / BLOCK {
+    let mut block = vec![0u8; block_size];
+    for b in 0..SIZE / block_size {
         if mix(b as u64) & 1 == 0 {
             continue;
         }
         for (i, byte) in block.iter_mut().enumerate() {
             *byte = (i as u8).wrapping_mul(31).wrapping_add(b as u8) | 1;
         }
-        mem.write_slice(&block, GuestAddress((b * BLOCK) as u64)).unwrap();
+        mem.write_slice(&block, GuestAddress((b * block_size) as u64)).unwrap();
     }
     mem.take_dirty_ranges(|_, _| {}).unwrap();
     mem
@@ -65,9 +72,16 @@ fn raw_write_all(f: &File, ptr: *const u8, len: usize) {
 }
 
 fn dump(c: &mut Criterion) {
-    let mem = memory();
+    dump_group(c, "dump/1GiB", BLOCK);
+    // The worst case for holes: zero and non-zero pages mixed page by page, so runs of
+    // non-zero pages average two pages and each needs its own `pwrite(2)`.
+    dump_group(c, "dump_scattered/1GiB", PAGE);
+}
+
+fn dump_group(c: &mut Criterion, name: &str, block: usize) {
+    let mem = memory_in_blocks(block);
     let host = mem.get_host_address(GuestAddress(0)).unwrap();
-    let mut g = c.benchmark_group("dump/1GiB");
+    let mut g = c.benchmark_group(name);
     g.sampling_mode(SamplingMode::Flat).sample_size(10).measurement_time(Duration::from_secs(8));
     g.throughput(Throughput::Bytes(SIZE as u64));
     let raw_file = tmp();

@@ -246,6 +246,28 @@ fn mapped_restore_never_writes_the_file() {
     assert_eq!(file_bytes(&f), before);
 }
 
+#[test]
+fn mapped_restore_with_policies() {
+    let mem = anon::<()>(&LAYOUT);
+    fill_pattern(&mem, 4);
+    let f = tmp();
+    snapshot::dump(&mem, &f).unwrap();
+    let mut seen = Vec::new();
+    let restored = snapshot::restore_mapped_with::<AtomicBitmap, _>(&f, |r, b| {
+        seen.push(r.guest_addr.0);
+        // The backing cannot be replaced: it is set after `configure`.
+        b.guard_pages(1).dont_fork(true).backing(Backing::Anonymous { shared: true })
+    })
+    .unwrap();
+    assert_eq!(seen, vec![0, 0x40000, 0x100000]);
+    assert_eq!(contents(&restored), contents(&mem));
+    assert!(restored.regions().iter().all(|r| r.file_offset().is_some()));
+    // Options a private file mapping cannot have are refused, naming the region.
+    let e =
+        snapshot::restore_mapped_with::<(), _>(&f, |_, b| b.huge_pages(HugePageSize::Size2M)).unwrap_err();
+    assert!(matches!(e, SnapshotError::Memory(GuestMemoryError::Mmap { base: GuestAddress(0), .. })), "{e}");
+}
+
 /// Runs `op` on a target memory holding a pattern and checks it failed with `check` and left
 /// the memory as it was.
 fn refused(target: &GuestMemoryMmap<AtomicBitmap>, f: &File, check: impl Fn(&SnapshotError) -> bool) {

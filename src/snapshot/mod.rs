@@ -36,16 +36,18 @@
 //!   it reads the file **twice**: a first pass checks every data checksum, so a corrupt file
 //!   is refused before any byte of guest memory changes.
 //! - [`restore_mapped`]: new memory that maps a full snapshot `MAP_PRIVATE`, region by region:
-//!   no copy, and guest writes never reach the file. To stay O(regions) it checks the header,
+//!   no copy, and guest writes never reach the file ([`restore_mapped_with`] sets the
+//!   regions' policies). To stay O(regions) it checks the header,
 //!   the table and the file length, not the data; call [`verify`] first when the file may be
 //!   corrupt.
 //! - [`rebase`]: applies a diff onto a full snapshot, giving the full snapshot a dump at the
 //!   diff's time would have given (byte for byte, checksums included).
 //! - [`verify`]: checks every region's data against its checksum.
 //!
-//! Snapshots describe memory that should not change while they are taken: pause the vCPUs (or
-//! accept that a page written during the dump is in an unspecified state, as with any copy,
-//! and send it again with the next diff).
+//! Snapshots describe memory that does not change while they are taken: pause the vCPUs (and
+//! the device threads) around a dump. A page written during the dump is read twice (once for
+//! the checksum, once by the kernel for the file) and may differ between the two reads; the
+//! file is then refused by [`verify`], [`restore_into`] and [`rebase`], never restored wrong.
 //!
 //! ```
 //! use guestmem::bitmap::AtomicBitmap;
@@ -819,6 +821,28 @@ fn zero_nonzero_pages<S: BitmapSlice>(
 /// assert_eq!(snapshot::restore_mapped::<()>(&file).unwrap().read_obj::<u64>(GuestAddress(0x100)).unwrap(), 9);
 /// ```
 pub fn restore_mapped<B: NewBitmap>(file: &File) -> Result<GuestMemoryMmap<B>> {
+    restore_mapped_with(file, |_, builder| builder)
+}
+
+/// [`restore_mapped`], with each region's builder passed through `configure` first, for the
+/// policies a VMM wants on guest memory (guard pages, alignment, `dont_dump`, `dont_fork`,
+/// NUMA placement, prefault, mlock). The backing is set after `configure` and cannot be
+/// changed; an option the builder refuses for a private file mapping fails the restore
+/// ([`SnapshotError::Memory`]) and nothing stays mapped.
+///
+/// ```
+/// use guestmem::{snapshot, GuestAddress, GuestMemoryMmap};
+/// let src = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+/// let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+/// snapshot::dump(&src, &file).unwrap();
+/// let mem = snapshot::restore_mapped_with::<(), _>(&file, |_region, b| b.guard_pages(1).dont_dump(true)).unwrap();
+/// assert_eq!(mem.regions()[0].size(), 0x10000);
+/// ```
+pub fn restore_mapped_with<B, F>(file: &File, mut configure: F) -> Result<GuestMemoryMmap<B>>
+where
+    B: NewBitmap,
+    F: FnMut(&SnapshotRegion, MmapRegionBuilder<B>) -> MmapRegionBuilder<B>,
+{
     let info = SnapshotInfo::read(file)?;
     if info.kind != SnapshotKind::Full {
         return Err(SnapshotError::KindMismatch { expected: SnapshotKind::Full, found: info.kind });
@@ -832,7 +856,8 @@ pub fn restore_mapped<B: NewBitmap>(file: &File) -> Result<GuestMemoryMmap<B>> {
                 .map_err(|_| GuestMemoryError::Overflow { addr: r.guest_addr, len: usize::MAX })?;
             let backing =
                 Backing::File { file: FileOffset::from_arc(shared.clone(), r.data_offset), shared: false };
-            Ok(GuestRegionMmap::build(MmapRegionBuilder::<B>::new(size).backing(backing), r.guest_addr)?)
+            let builder = configure(r, MmapRegionBuilder::<B>::new(size)).backing(backing);
+            Ok(GuestRegionMmap::build(builder, r.guest_addr)?)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(GuestMemoryMmap::from_regions(regions)?)
