@@ -43,6 +43,7 @@ pub mod memory;
 pub mod migration;
 pub mod mmap;
 pub mod region;
+pub mod snapshot;
 pub mod sys;
 pub mod volatile;
 
