@@ -82,9 +82,9 @@ pub trait GuestMemoryRegion {
     /// The host address of `offset` in the region. Writes through it are not tracked: mark
     /// them with [`Bitmap::mark_dirty`].
     fn get_host_address(&self, offset: MemoryRegionAddress) -> Result<*mut u8, GuestMemoryError> {
-        let off = self.check_address(offset).ok_or(GuestMemoryError::InvalidGuestAddress(GuestAddress(
-            self.start_addr().0.wrapping_add(offset.0),
-        )))?;
+        let off = self.check_address(offset).ok_or_else(|| {
+            GuestMemoryError::InvalidGuestAddress(GuestAddress(self.start_addr().0.wrapping_add(offset.0)))
+        })?;
         // `off < len`, and the region's host mapping spans `len` bytes.
         Ok(self.host_ptr().wrapping_add(off.0 as usize))
     }

@@ -275,7 +275,7 @@ impl<V: AsRawFd, B: Bitmap + DirtyHarvest> KvmSlots<V, B> {
                 .slot_range
                 .clone()
                 .find(|id| !self.slots.iter().any(|s| s.id == *id))
-                .ok_or(KvmError::NoFreeSlot(self.slot_range.len() as u32))?;
+                .ok_or_else(|| KvmError::NoFreeSlot(self.slot_range.len() as u32))?;
             let mut flags = 0;
             if self.log_dirty {
                 flags |= ioctls::KVM_MEM_LOG_DIRTY_PAGES;

@@ -666,7 +666,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
                 let end = file
                     .start()
                     .checked_add(self.size as u64)
-                    .ok_or(MmapError::Overflow { offset: file.start(), size: self.size })?;
+                    .ok_or_else(|| MmapError::Overflow { offset: file.start(), size: self.size })?;
                 check_multiple("file offset", file.start(), page_size)?;
                 // Devices and other files whose size fstat cannot report skip this check.
                 if st.has_reliable_size() && st.size < end {
@@ -712,7 +712,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             .and_then(|g| g.checked_add(self.size))
             .ok_or(MmapError::Overflow { offset: guard as u64, size: self.size })?;
         let (fixed_at, ownership) = if let Some((res, offset)) = &self.reservation {
-            let start = offset.checked_sub(guard).ok_or(MmapError::OutsideReservation {
+            let start = offset.checked_sub(guard).ok_or_else(|| MmapError::OutsideReservation {
                 offset: *offset,
                 size: with_guards,
                 reservation_len: res.len(),

@@ -367,8 +367,9 @@ impl WriteVolatile for Cursor<Vec<u8>> {
     fn write_volatile<S: BitmapSlice>(&mut self, buf: &VolatileSlice<'_, S>) -> Result<usize> {
         let pos = usize::try_from(self.position())
             .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        let end =
-            pos.checked_add(buf.len()).ok_or(VolatileError::Overflow { offset: pos, len: buf.len() })?;
+        let end = pos
+            .checked_add(buf.len())
+            .ok_or_else(|| VolatileError::Overflow { offset: pos, len: buf.len() })?;
         let vec = self.get_mut();
         if vec.len() < end {
             vec.resize(end, 0);
