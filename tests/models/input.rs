@@ -1,5 +1,6 @@
-//! Shared by the fuzz targets: a byte reader for the input, and an arena of host memory that
-//! regions are adopted from (`build_raw`), so an iteration costs no `mmap`.
+//! Shared by the models (`tests/models/*.rs`, run by the fuzz targets in `fuzz/` and by the
+//! proptests in `tests/models.rs`): a byte reader for the input, and a per-thread arena of host
+//! memory that regions are adopted from (`build_raw`), so an iteration costs no `mmap`.
 
 #![allow(dead_code)]
 
@@ -54,23 +55,25 @@ pub struct Arena {
 }
 
 fn arena_base() -> *mut u8 {
-    use std::sync::OnceLock;
-    static BASE: OnceLock<usize> = OnceLock::new();
-    *BASE.get_or_init(|| {
-        // SAFETY: a new anonymous mapping, kept for the life of the process.
-        let p = unsafe {
-            sys::mmap(
-                std::ptr::null_mut(),
-                (ARENA_PAGES * PAGE) as usize,
-                Protection::READ_WRITE,
-                MapFlags::PRIVATE | MapFlags::ANONYMOUS,
-                None,
-                0,
-            )
-        }
-        .expect("fuzz arena");
-        p as usize
-    }) as *mut u8
+    thread_local! {
+        // One arena per thread: tests run models on several threads at once.
+        static BASE: usize = {
+            // SAFETY: a new anonymous mapping, kept for the life of the thread's process.
+            let p = unsafe {
+                sys::mmap(
+                    std::ptr::null_mut(),
+                    (ARENA_PAGES * PAGE) as usize,
+                    Protection::READ_WRITE,
+                    MapFlags::PRIVATE | MapFlags::ANONYMOUS,
+                    None,
+                    0,
+                )
+            }
+            .expect("model arena");
+            p as usize
+        };
+    }
+    BASE.with(|b| *b as *mut u8)
 }
 
 impl Arena {
