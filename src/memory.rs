@@ -183,8 +183,9 @@ pub trait GuestMemory {
     /// ([`GuestMemoryError::NotContiguous`] otherwise).
     #[inline]
     fn get_slice(&self, addr: GuestAddress, count: usize) -> Result<GuestSlice<'_, Self>> {
-        let (region, offset) =
-            self.to_region_addr(addr).ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
+        let Some((region, offset)) = self.to_region_addr(addr) else {
+            return Err(GuestMemoryError::InvalidGuestAddress(addr));
+        };
         if (count as u64).saturating_sub(1) > region.len() - 1 - offset.0 {
             return Err(GuestMemoryError::NotContiguous { addr, len: count });
         }
@@ -208,8 +209,9 @@ pub trait GuestMemory {
     /// The host address of `addr`. Writes through it are not tracked: mark them with
     /// [`Bitmap::mark_dirty`] on the region's bitmap.
     fn get_host_address(&self, addr: GuestAddress) -> Result<*mut u8> {
-        let (region, offset) =
-            self.to_region_addr(addr).ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
+        let Some((region, offset)) = self.to_region_addr(addr) else {
+            return Err(GuestMemoryError::InvalidGuestAddress(addr));
+        };
         region.get_host_address(offset)
     }
 
@@ -676,7 +678,9 @@ impl<B: Bitmap> GuestMemory for GuestMemoryMmap<B> {
     /// Translation from the table alone.
     #[inline]
     fn get_host_address(&self, addr: GuestAddress) -> Result<*mut u8> {
-        let (idx, offset) = self.lookup(addr.0).ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
+        let Some((idx, offset)) = self.lookup(addr.0) else {
+            return Err(GuestMemoryError::InvalidGuestAddress(addr));
+        };
         // SAFETY: `lookup` returns an index into the table.
         let entry = unsafe { self.table.get_unchecked(idx) };
         // `offset <= entry.last`: the address lies in the region's mapping.

@@ -244,9 +244,8 @@ impl Record {
 
     fn finish(self) -> Result<SmapsArea, HostError> {
         let addr = self.area.range.start;
-        let need = |value: Option<u64>, field: &'static str| {
-            value.ok_or(HostError::MissingField { field, addr })
-        };
+        let need =
+            |value: Option<u64>, field: &'static str| value.ok_or(HostError::MissingField { field, addr });
         Ok(SmapsArea {
             size_kb: need(self.size_kb, "Size")?,
             rss_kb: need(self.rss_kb, "Rss")?,

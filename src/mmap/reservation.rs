@@ -58,8 +58,7 @@ impl Reservation {
         }
         let page = sys::page_size();
         let align = align.max(page);
-        let len =
-            len.checked_next_multiple_of(page).ok_or(MmapError::Overflow { offset: 0, size: len })?;
+        let len = len.checked_next_multiple_of(page).ok_or(MmapError::Overflow { offset: 0, size: len })?;
         let (addr, _) = reserve_aligned(len, align)?;
         Ok(Arc::new(Reservation { addr, len, used: Mutex::new(BTreeMap::new()) }))
     }
@@ -92,8 +91,7 @@ impl Reservation {
 
     /// Claims `[offset, offset + size)` for a region, or says why not.
     pub(crate) fn claim(&self, offset: usize, size: usize) -> Result<(), MmapError> {
-        let end =
-            offset.checked_add(size).ok_or(MmapError::Overflow { offset: offset as u64, size })?;
+        let end = offset.checked_add(size).ok_or(MmapError::Overflow { offset: offset as u64, size })?;
         if end > self.len {
             return Err(MmapError::OutsideReservation { offset, size, reservation_len: self.len });
         }

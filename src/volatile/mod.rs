@@ -102,7 +102,10 @@ pub type Result<T> = std::result::Result<T, VolatileError>;
 /// `offset + len`, checked against overflow and against `size`.
 #[inline(always)]
 pub(crate) fn check_range(offset: usize, len: usize, size: usize) -> Result<usize> {
-    let end = offset.checked_add(len).ok_or(VolatileError::Overflow { offset, len })?;
+    // `let else`, not `ok_or`: an eagerly built error is dropped through a call on every access.
+    let Some(end) = offset.checked_add(len) else {
+        return Err(VolatileError::Overflow { offset, len });
+    };
     if end > size {
         return Err(VolatileError::OutOfBounds { offset, len, size });
     }
@@ -142,7 +145,9 @@ pub trait VolatileMemory {
         count: usize,
     ) -> Result<VolatileArrayRef<'_, T, Self::Slice<'_>>> {
         let elem_size = size_of::<T>();
-        let bytes = count.checked_mul(elem_size).ok_or(VolatileError::TooBig { count, elem_size })?;
+        let Some(bytes) = count.checked_mul(elem_size) else {
+            return Err(VolatileError::TooBig { count, elem_size });
+        };
         Ok(VolatileArrayRef::from_slice(self.get_slice(offset, bytes)?, count))
     }
 
@@ -332,7 +337,9 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
         count: usize,
     ) -> Result<VolatileArrayRef<'a, T, S>> {
         let elem_size = size_of::<T>();
-        let bytes = count.checked_mul(elem_size).ok_or(VolatileError::TooBig { count, elem_size })?;
+        let Some(bytes) = count.checked_mul(elem_size) else {
+            return Err(VolatileError::TooBig { count, elem_size });
+        };
         Ok(VolatileArrayRef::from_slice(self.subslice(offset, bytes)?, count))
     }
 

@@ -68,7 +68,7 @@ impl Model {
         let end = start as u128 + len as u128;
         self.regions
             .iter()
-            .any(|r| (r.start as u128) < end && start as u128 <= r.start as u128 + r.data.len() as u128 - 1)
+            .any(|r| (r.start as u128) < end && (start as u128) < r.start as u128 + r.data.len() as u128)
     }
 
     fn insert(&mut self, start: u64, pages: u64, writable: bool) {
@@ -80,7 +80,7 @@ impl Model {
 /// A guest page-aligned start: low pages, or pages just below the top of the address space.
 fn start_of(input: &mut Input, pages: u64) -> u64 {
     let n = u64::from(input.u8() % 32);
-    if input.u8() % 4 == 0 {
+    if input.u8().is_multiple_of(4) {
         (u64::MAX - pages * PAGE + 1).wrapping_sub(n * PAGE)
     } else {
         n * PAGE
@@ -91,11 +91,11 @@ fn start_of(input: &mut Input, pages: u64) -> u64 {
 fn addr_of(input: &mut Input, model: &Model) -> u64 {
     let pick = input.u8();
     let delta = i64::from(input.u8() as i8);
-    if model.regions.is_empty() || pick % 8 == 0 {
+    if model.regions.is_empty() || pick.is_multiple_of(8) {
         return input.u64();
     }
     let r = &model.regions[pick as usize % model.regions.len()];
-    let edge = if pick % 2 == 0 { r.start } else { r.start.wrapping_add(r.data.len() as u64) };
+    let edge = if pick.is_multiple_of(2) { r.start } else { r.start.wrapping_add(r.data.len() as u64) };
     edge.wrapping_add(delta as u64)
 }
 
@@ -246,7 +246,7 @@ pub fn check(data: &[u8]) {
                 let value = input.u64();
                 // One region, aligned (host and guest alignment agree: both start on a page).
                 let single = model.locate(a).is_some_and(|(i, off)| off + w <= model.regions[i].data.len());
-                let aligned = a % w as u64 == 0;
+                let aligned = a.is_multiple_of(w as u64);
                 if store {
                     let writable = model.locate(a).is_some_and(|(i, _)| model.regions[i].writable);
                     let ok = single && aligned && writable;

@@ -101,7 +101,7 @@ pub fn check(data: &[u8]) {
             }
             _ => {
                 let pick = input.u8() as usize;
-                let a = if model.is_empty() || pick % 4 == 0 {
+                let a = if model.is_empty() || pick.is_multiple_of(4) {
                     start(&mut input)
                 } else {
                     model[pick % model.len()].0

@@ -52,7 +52,7 @@ pub fn check(data: &[u8]) {
             file.seek(SeekFrom::Start(at)).unwrap();
             file.write_all(&[input.u8()]).unwrap();
         }
-        if input.u8() % 4 == 0 {
+        if input.u8().is_multiple_of(4) {
             sys::fd::ftruncate(file.as_fd(), u64::from(input.u16()) % (len + 1)).unwrap();
         }
     } else {
