@@ -801,3 +801,109 @@ fn mutated_streams_never_panic() {
     }
     assert!(errors > 2500, "{errors} of 3000 corrupted streams were refused");
 }
+
+#[test]
+fn every_migration_error_variant_is_produced() {
+    // An exhaustive match: a new variant does not compile until it is listed here.
+    let name = |e: &MigrationError| match e {
+        MigrationError::Io { .. } => "Io",
+        MigrationError::Truncated { .. } => "Truncated",
+        MigrationError::BadMagic(_) => "BadMagic",
+        MigrationError::UnsupportedVersion(_) => "UnsupportedVersion",
+        MigrationError::UnknownFrame { .. } => "UnknownFrame",
+        MigrationError::InvalidFrame { .. } => "InvalidFrame",
+        MigrationError::FrameTooLarge { .. } => "FrameTooLarge",
+        MigrationError::UnexpectedFrame { .. } => "UnexpectedFrame",
+        MigrationError::Memory { .. } => "Memory",
+        MigrationError::RoundMismatch { .. } => "RoundMismatch",
+        MigrationError::RegionCount { .. } => "RegionCount",
+        MigrationError::RegionMismatch { .. } => "RegionMismatch",
+        MigrationError::ChecksumMismatch { .. } => "ChecksumMismatch",
+        MigrationError::Harvest(_) => "Harvest",
+        MigrationError::Sync(_) => "Sync",
+    };
+    let mut produced = Vec::new();
+    // A reader that fails once its bytes are used up.
+    struct Failing(Vec<u8>);
+    impl Read for Failing {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.0.is_empty() {
+                return Err(io::ErrorKind::ConnectionReset.into());
+            }
+            let n = buf.len().min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0.drain(..n);
+            Ok(n)
+        }
+    }
+    produced.push(Receiver::new(Failing(stream(&[]))).receive(&small()).unwrap_err());
+    // Hostile streams.
+    produced.push(receive_err(&[], true));
+    produced.push(receive_err(&stream_header(*b"GMEMMIG\x01", VERSION, 0), true));
+    produced.push(receive_err(&stream_header(MAGIC, 2, 0), true));
+    produced.push(receive_err(&stream(&[frame(9, 0, 0, 0)]), true));
+    produced.push(receive_err(&stream(&[frame(1, 0x8000_0000, 0, 16)]), true));
+    produced.push(receive_err(&stream(&[frame(1, 0, 0, MAX_FRAME_DATA + 1)]), true));
+    produced.push(receive_err(&stream(&[frame(4, 0, 0, 0)]), true));
+    let mut outside = stream(&[frame(1, 0, 0x30000, 16)]);
+    outside.extend_from_slice(&[0xaa; 16]);
+    produced.push(receive_err(&outside, true));
+    produced.push(receive_err(&stream(&[frame(2, 0, 0, 0), frame(2, 0, 5, 0)]), true));
+    // Checksums that do not match the destination.
+    let dst = small();
+    produced.push(receive_err(&stream(&[frame(3, 0, 3, 0)]), true));
+    let mut moved = vec![frame(3, 0, 2, 0)];
+    moved.extend(entries(&dst, |i, v| {
+        if i == 1 {
+            v[0] = 0x30000
+        }
+    }));
+    produced.push(receive_err(&stream(&moved), true));
+    let mut differs = vec![frame(3, 0, 2, 0)];
+    differs.extend(entries(&dst, |i, v| {
+        if i == 1 {
+            v[2] ^= 1
+        }
+    }));
+    produced.push(receive_err(&stream(&differs), true));
+    // A source region without dirty tracking.
+    let untracked = GuestRegionMmap::build(
+        MmapRegionBuilder::<Option<AtomicBitmap>>::new(MIB).dirty_tracking(false),
+        GuestAddress(0),
+    )
+    .unwrap();
+    let untracked = GuestMemoryMmap::from_regions(vec![untracked]).unwrap();
+    produced.push(Sender::new(Vec::new()).unwrap().send_dirty(&untracked).unwrap_err());
+    // A sync hook that fails (no KVM needed: the hook is the caller's).
+    let src = tracked(&[(GuestAddress(0), MIB)]);
+    let mut precopy = Precopy::new(Sender::new(io::sink()).unwrap(), &src, PrecopyConfig::default(), || {
+        Err::<(), _>(io::Error::other("KVM_GET_DIRTY_LOG failed"))
+    });
+    produced.push(precopy.run().unwrap_err());
+
+    let names: std::collections::BTreeSet<&str> = produced.iter().map(name).collect();
+    let all: std::collections::BTreeSet<&str> = [
+        "Io",
+        "Truncated",
+        "BadMagic",
+        "UnsupportedVersion",
+        "UnknownFrame",
+        "InvalidFrame",
+        "FrameTooLarge",
+        "UnexpectedFrame",
+        "Memory",
+        "RoundMismatch",
+        "RegionCount",
+        "RegionMismatch",
+        "ChecksumMismatch",
+        "Harvest",
+        "Sync",
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(names, all);
+    assert_eq!(produced.len(), all.len(), "one producing call per variant: {produced:?}");
+    for e in &produced {
+        assert!(!e.to_string().is_empty());
+    }
+}

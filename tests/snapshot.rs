@@ -585,3 +585,89 @@ proptest! {
         prop_assert_eq!(&contents(&mapped), &model);
     }
 }
+
+#[test]
+fn every_snapshot_error_variant_is_produced() {
+    // An exhaustive match: a new variant does not compile until it is listed here.
+    let name = |e: &SnapshotError| match e {
+        SnapshotError::Io { .. } => "Io",
+        SnapshotError::Truncated { .. } => "Truncated",
+        SnapshotError::BadMagic { .. } => "BadMagic",
+        SnapshotError::UnsupportedVersion { .. } => "UnsupportedVersion",
+        SnapshotError::HeaderChecksum { .. } => "HeaderChecksum",
+        SnapshotError::InvalidLayout { .. } => "InvalidLayout",
+        SnapshotError::DataChecksum { .. } => "DataChecksum",
+        SnapshotError::RegionCount { .. } => "RegionCount",
+        SnapshotError::RegionMismatch { .. } => "RegionMismatch",
+        SnapshotError::KindMismatch { .. } => "KindMismatch",
+        SnapshotError::Memory(_) => "Memory",
+        SnapshotError::Dirty(_) => "Dirty",
+    };
+    let mut produced = Vec::new();
+    let src = anon::<AtomicBitmap>(&LAYOUT);
+    fill_pattern(&src, 9);
+    let full = tmp();
+    snapshot::dump(&src, &full).unwrap();
+    let good = file_bytes(&full);
+    let info = snapshot::read_info(&full).unwrap();
+    let corrupt = |at: usize, value: &[u8], seal: bool| {
+        let mut bad = good.clone();
+        bad[at..at + value.len()].copy_from_slice(value);
+        if seal {
+            reseal(&mut bad);
+        }
+        write_copy(&bad)
+    };
+
+    // A file opened read-only cannot take a dump.
+    produced.push(snapshot::dump(&anon::<()>(&LAYOUT), &File::open("/proc/self/exe").unwrap()).unwrap_err());
+    // Files that are not (or no longer) good snapshots.
+    produced.push(snapshot::read_info(&tmp()).unwrap_err());
+    produced.push(snapshot::read_info(&corrupt(0, &[good[0] ^ 1], false)).unwrap_err());
+    produced.push(snapshot::read_info(&corrupt(8, &2u32.to_le_bytes(), false)).unwrap_err());
+    produced.push(snapshot::read_info(&corrupt(16, &[good[16] ^ 0x10], false)).unwrap_err());
+    produced.push(snapshot::read_info(&corrupt(12, &0x100u32.to_le_bytes(), true)).unwrap_err());
+    let at = (info.regions[2].data_offset + 0x2005) as usize;
+    produced.push(snapshot::verify(&corrupt(at, &[good[at] ^ 4], false)).unwrap_err());
+    // Targets that do not match the snapshot.
+    produced.push(snapshot::restore_into(&anon::<()>(&LAYOUT[..2]), &full).unwrap_err());
+    let moved = anon::<()>(&[(0, 0x40000), (0x40000, 0x20000), (0x200000, 0x40000)]);
+    produced.push(snapshot::restore_into(&moved, &full).unwrap_err());
+    // A diff where a full snapshot is needed.
+    let diff = tmp();
+    snapshot::dump_dirty(&src, &diff).unwrap();
+    produced.push(snapshot::restore_mapped::<()>(&diff).unwrap_err());
+    // A range outside guest memory.
+    produced.push(snapshot::dump_ranges(&src, &[(GuestAddress(0x60000), 1)], &tmp()).unwrap_err());
+    // A region without dirty tracking.
+    let untracked = GuestRegionMmap::build(
+        MmapRegionBuilder::<Option<AtomicBitmap>>::new(0x10000).dirty_tracking(false),
+        GuestAddress(0),
+    )
+    .unwrap();
+    let untracked = GuestMemoryMmap::from_regions(vec![untracked]).unwrap();
+    produced.push(snapshot::dump_dirty(&untracked, &tmp()).unwrap_err());
+
+    let names: std::collections::BTreeSet<&str> = produced.iter().map(name).collect();
+    let all: std::collections::BTreeSet<&str> = [
+        "Io",
+        "Truncated",
+        "BadMagic",
+        "UnsupportedVersion",
+        "HeaderChecksum",
+        "InvalidLayout",
+        "DataChecksum",
+        "RegionCount",
+        "RegionMismatch",
+        "KindMismatch",
+        "Memory",
+        "Dirty",
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(names, all);
+    assert_eq!(produced.len(), all.len(), "one producing call per variant: {produced:?}");
+    for e in &produced {
+        assert!(!e.to_string().is_empty());
+    }
+}
