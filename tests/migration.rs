@@ -36,19 +36,8 @@ fn tracked(ranges: &[(GuestAddress, usize)]) -> Mem {
     GuestMemoryMmap::from_ranges(ranges).unwrap()
 }
 
-/// Every byte of every region.
-fn contents<M: GuestMemory>(mem: &M) -> Vec<Vec<u8>> {
-    mem.iter()
-        .map(|r| {
-            let mut v = vec![0u8; r.len() as usize];
-            mem.read_slice(&mut v, r.start_addr()).unwrap();
-            v
-        })
-        .collect()
-}
-
 fn assert_same<M: GuestMemory, N: GuestMemory>(src: &M, dst: &N) {
-    let (a, b) = (contents(src), contents(dst));
+    let (a, b) = (common::contents(src), common::contents(dst));
     assert_eq!(a.len(), b.len());
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
         if let Some(at) = x.iter().zip(y).position(|(p, q)| p != q) {
@@ -236,7 +225,7 @@ fn vectored_and_plain_paths_write_the_same_bytes() {
         // says which region first.
         let sum = |i: usize| {
             let mut c = guestmem::checksum::Checksum::new();
-            c.update(&contents(&src)[i]);
+            c.update(&common::contents(&src)[i]);
             c.finish()
         };
         let expect = tracked(&layout);
@@ -245,10 +234,10 @@ fn vectored_and_plain_paths_write_the_same_bytes() {
             src.read_slice(&mut buf, addr).unwrap();
             expect.write_slice(&buf, addr).unwrap();
         }
-        let first_bad = (0..3).find(|&i| contents(&expect)[i] != contents(&src)[i]).unwrap();
+        let first_bad = (0..3).find(|&i| common::contents(&expect)[i] != common::contents(&src)[i]).unwrap();
         let actual = {
             let mut c = guestmem::checksum::Checksum::new();
-            c.update(&contents(&expect)[first_bad]);
+            c.update(&common::contents(&expect)[first_bad]);
             c.finish()
         };
         MigrationError::ChecksumMismatch {
@@ -543,7 +532,7 @@ fn receive_err(bytes: &[u8], untouched: bool) -> MigrationError {
             Receiver::new(bytes).receive(&dst).unwrap_err()
         };
         if untouched {
-            assert!(contents(&dst).iter().all(|r| r.iter().all(|&b| b == 0)), "{e}: memory touched");
+            assert!(common::contents(&dst).iter().all(|r| r.iter().all(|&b| b == 0)), "{e}: memory touched");
             assert_eq!(dst.dirty_page_count().unwrap(), 0, "{e}: pages marked");
         }
         errors.push(e);

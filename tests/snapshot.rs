@@ -47,17 +47,6 @@ fn memfd<B: guestmem::bitmap::NewBitmap>(layout: &[(u64, usize)]) -> GuestMemory
     GuestMemoryMmap::from_regions(regions).unwrap()
 }
 
-/// Every region's bytes.
-fn contents<M: GuestMemory>(mem: &M) -> Vec<Vec<u8>> {
-    mem.iter()
-        .map(|r| {
-            let mut v = vec![0u8; r.len() as usize];
-            mem.read_slice(&mut v, r.start_addr()).unwrap();
-            v
-        })
-        .collect()
-}
-
 /// A recognisable pattern: some pages non-zero, some zero, some with a single byte set.
 fn fill_pattern<M: GuestMemory>(mem: &M, seed: u8) {
     for r in mem.iter() {
@@ -91,7 +80,7 @@ fn allocated(f: &File) -> u64 {
 /// Dump `mem`, check the file, and restore it both ways into memory of the same layout.
 fn check_round_trip<B: Bitmap>(mem: &GuestMemoryMmap<B>, fresh: impl Fn() -> GuestMemoryMmap<B>) {
     fill_pattern(mem, 3);
-    let want = contents(mem);
+    let want = common::contents(mem);
     let f = tmp();
     let stats = snapshot::dump(mem, &f).unwrap();
     let info = snapshot::verify(&f).unwrap();
@@ -107,11 +96,11 @@ fn check_round_trip<B: Bitmap>(mem: &GuestMemoryMmap<B>, fresh: impl Fn() -> Gue
     let dst = fresh();
     fill_pattern(&dst, 200); // stale contents that the restore must replace
     let rs = snapshot::restore_into(&dst, &f).unwrap();
-    assert_eq!(contents(&dst), want);
+    assert_eq!(common::contents(&dst), want);
     assert!(rs.bytes_read >= stats.bytes_written && rs.bytes_zeroed > 0, "{rs:?}");
 
     let mapped = snapshot::restore_mapped::<()>(&f).unwrap();
-    assert_eq!(contents(&mapped), want);
+    assert_eq!(common::contents(&mapped), want);
 }
 
 #[test]
@@ -163,7 +152,7 @@ fn dump_of_mostly_zero_memory_is_sparse() {
     // Restoring reads only the data extents where the filesystem reports holes.
     let dst = anon::<()>(&[(0, 64 << 20)]);
     let rs = snapshot::restore_into(&dst, &f).unwrap();
-    assert_eq!(contents(&dst), contents(&mem));
+    assert_eq!(common::contents(&dst), common::contents(&mem));
     let data_offset = snapshot::read_info(&f).unwrap().regions[0].data_offset;
     let hole =
         guestmem::sys::fd::lseek_data(f.as_fd(), data_offset, guestmem::sys::fd::SeekData::Hole).unwrap();
@@ -225,7 +214,7 @@ fn diff_then_rebase_equals_full_dump() {
     let dst = anon::<()>(&LAYOUT);
     snapshot::restore_into(&dst, &base).unwrap();
     snapshot::restore_into(&dst, &diff).unwrap();
-    assert_eq!(contents(&dst), contents(&mem));
+    assert_eq!(common::contents(&dst), common::contents(&mem));
 
     // A given list of ranges works the same way.
     let ranged = tmp();
@@ -246,7 +235,7 @@ fn mapped_restore_never_writes_the_file() {
     snapshot::dump(&mem, &f).unwrap();
     let before = file_bytes(&f);
     let restored = snapshot::restore_mapped::<AtomicBitmap>(&f).unwrap();
-    assert_eq!(contents(&restored), contents(&mem));
+    assert_eq!(common::contents(&restored), common::contents(&mem));
     restored.write_slice(&[0xee; 0x3000], GuestAddress(0x3f000)).unwrap();
     restored.write_obj(1u64, GuestAddress(0x100000)).unwrap();
     // Discard of a private file mapping must not bring the file's bytes back either.
@@ -273,7 +262,7 @@ fn mapped_restore_with_policies() {
     })
     .unwrap();
     assert_eq!(seen, vec![0, 0x40000, 0x100000]);
-    assert_eq!(contents(&restored), contents(&mem));
+    assert_eq!(common::contents(&restored), common::contents(&mem));
     assert!(restored.regions().iter().all(|r| r.file_offset().is_some()));
     // Options a private file mapping cannot have are refused, naming the region.
     let e =
@@ -284,12 +273,12 @@ fn mapped_restore_with_policies() {
 /// Runs `op` on a target memory holding a pattern and checks it failed with `check` and left
 /// the memory as it was.
 fn refused(target: &GuestMemoryMmap<AtomicBitmap>, f: &File, check: impl Fn(&SnapshotError) -> bool) {
-    let before = contents(target);
+    let before = common::contents(target);
     let dirty_before = target.dirty_page_count().unwrap();
     let e = snapshot::restore_into(target, f).unwrap_err();
     assert!(check(&e), "unexpected error: {e}");
     assert!(!e.to_string().is_empty());
-    assert_eq!(contents(target), before, "memory changed after {e}");
+    assert_eq!(common::contents(target), before, "memory changed after {e}");
     assert_eq!(target.dirty_page_count().unwrap(), dirty_before);
 }
 
@@ -418,7 +407,7 @@ fn corrupt_files_are_refused_before_memory_changes() {
 
     // After all that, the good file still restores.
     snapshot::restore_into(&target, &write_copy(&good)).unwrap();
-    assert_eq!(contents(&target), contents(&src));
+    assert_eq!(common::contents(&target), common::contents(&src));
 }
 
 #[test]
@@ -561,7 +550,7 @@ proptest! {
         rounds in prop::collection::vec(prop::collection::vec((0usize..3, 0u64..64, prop_oneof![Just(0u8), any::<u8>()]), 0..12), 1..4),
     ) {
         let mem = anon::<AtomicBitmap>(&LAYOUT);
-        let mut model = contents(&mem);
+        let mut model = common::contents(&mem);
         apply(&mem, &mut model, &first);
         let mut base = tmp();
         snapshot::dump(&mem, &base).unwrap();
@@ -573,7 +562,7 @@ proptest! {
             let diff = tmp();
             snapshot::dump_dirty(&mem, &diff).unwrap();
             snapshot::restore_into(&restored, &diff).unwrap();
-            prop_assert_eq!(&contents(&restored), &model);
+            prop_assert_eq!(&common::contents(&restored), &model);
             let next = tmp();
             snapshot::rebase(&base, &diff, &next).unwrap();
             let full = tmp();
@@ -582,7 +571,7 @@ proptest! {
             base = next;
         }
         let mapped = snapshot::restore_mapped::<()>(&base).unwrap();
-        prop_assert_eq!(&contents(&mapped), &model);
+        prop_assert_eq!(&common::contents(&mapped), &model);
     }
 }
 

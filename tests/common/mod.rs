@@ -95,3 +95,15 @@ impl Drop for HugetlbfsFile {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// Every byte of every region of `mem`, region by region.
+pub fn contents<M: guestmem::GuestMemory>(mem: &M) -> Vec<Vec<u8>> {
+    use guestmem::{Bytes, GuestMemoryRegion};
+    mem.iter()
+        .map(|r| {
+            let mut v = vec![0u8; r.len() as usize];
+            mem.read_slice(&mut v, r.start_addr()).unwrap();
+            v
+        })
+        .collect()
+}
