@@ -353,7 +353,9 @@ impl<V: AsRawFd, B: Bitmap + DirtyHarvest> KvmSlots<V, B> {
                 // SAFETY: the entry is DIRTY, so KVM finished writing slot and offset (the
                 // acquire load above orders these reads after its release store).
                 let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
-                if let Some(s) = self.slots.iter().find(|s| s.id == slot & 0xffff) {
+                // `slots` is sorted by id (`register` keeps it so): one search per entry.
+                let found = self.slots.binary_search_by_key(&(slot & 0xffff), |s| s.id);
+                if let Some(s) = found.ok().map(|i| &self.slots[i]) {
                     let byte = (offset as usize).saturating_mul(KVM_PAGE_SIZE);
                     if byte < s.region.len() as usize {
                         s.region.bitmap().mark_dirty(byte, KVM_PAGE_SIZE);
