@@ -51,6 +51,31 @@ pub type Be32 = zerocopy::big_endian::U32;
 /// A big-endian `u64` in guest memory.
 pub type Be64 = zerocopy::big_endian::U64;
 
+/// The little-endian `u32` at byte `at` of a fixed-size header `b` (file and stream formats).
+/// The caller guarantees `at + 4 <= b.len()`.
+pub(crate) fn le_u32(b: &[u8], at: usize) -> u32 {
+    let mut x = [0u8; 4];
+    x.copy_from_slice(&b[at..at + 4]);
+    u32::from_le_bytes(x)
+}
+
+/// The little-endian `u64` at byte `at` of a fixed-size header `b`; `at + 8 <= b.len()`.
+pub(crate) fn le_u64(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
+}
+
+/// Writes `v` little-endian at byte `at` of a fixed-size header `b`; `at + 4 <= b.len()`.
+pub(crate) fn put_le_u32(b: &mut [u8], at: usize, v: u32) {
+    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Writes `v` little-endian at byte `at` of a fixed-size header `b`; `at + 8 <= b.len()`.
+pub(crate) fn put_le_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
 /// An atomic integer type of `std::sync::atomic` that can live in guest memory.
 ///
 /// Guest memory is accessed through [`AtomicRef`](crate::AtomicRef), which marks writes dirty.

@@ -83,6 +83,7 @@ pub use send::{RoundEnd, Sender};
 
 use crate::address::GuestAddress;
 use crate::bitmap::BitmapError;
+use crate::bytes::{put_le_u32, put_le_u64};
 use crate::memory::GuestMemoryError;
 
 /// The first 8 bytes of every migration stream.
@@ -128,31 +129,17 @@ fn frame_name(kind: u32) -> &'static str {
 fn stream_header() -> [u8; STREAM_HEADER_LEN] {
     let mut h = [0u8; STREAM_HEADER_LEN];
     h[..8].copy_from_slice(&MAGIC);
-    h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    put_le_u32(&mut h, 8, VERSION);
     h
 }
 
 /// A frame header.
 fn frame_header(kind: u32, a: u64, b: u64) -> [u8; FRAME_HEADER_LEN] {
     let mut h = [0u8; FRAME_HEADER_LEN];
-    h[..4].copy_from_slice(&kind.to_le_bytes());
-    h[8..16].copy_from_slice(&a.to_le_bytes());
-    h[16..24].copy_from_slice(&b.to_le_bytes());
+    put_le_u32(&mut h, 0, kind);
+    put_le_u64(&mut h, 8, a);
+    put_le_u64(&mut h, 16, b);
     h
-}
-
-/// The little-endian `u32` at `at` of `bytes` (callers pass fixed-size headers).
-fn le32(bytes: &[u8], at: usize) -> u32 {
-    let mut v = [0u8; 4];
-    v.copy_from_slice(&bytes[at..at + 4]);
-    u32::from_le_bytes(v)
-}
-
-/// The little-endian `u64` at `at` of `bytes`.
-fn le64(bytes: &[u8], at: usize) -> u64 {
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&bytes[at..at + 8]);
-    u64::from_le_bytes(v)
 }
 
 /// Pages of the stream's unit that `len` bytes count as.

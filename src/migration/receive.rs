@@ -5,13 +5,13 @@ use std::os::fd::{AsFd, BorrowedFd};
 
 use super::send::region_checksum;
 use super::{
-    frame_name, le32, le64, stream_pages, MigrationError, Result, CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS,
-    FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, MAGIC, MAX_FRAME_DATA, STREAM_HEADER_LEN,
-    VERSION,
+    frame_name, stream_pages, MigrationError, Result, CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS, FRAME_DONE,
+    FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, MAGIC, MAX_FRAME_DATA, STREAM_HEADER_LEN, VERSION,
 };
 use crate::address::GuestAddress;
 use crate::bitmap::BitmapSlice;
 use crate::bytes::Bytes;
+use crate::bytes::{le_u32, le_u64};
 use crate::memory::{GuestMemory, GuestMemoryError};
 use crate::region::GuestMemoryRegion;
 use crate::volatile::{ReadVolatile, VolatileError, VolatileSlice};
@@ -70,16 +70,12 @@ pub struct Receiver<R> {
     bounce: Vec<u8>,
 }
 
-fn borrow_fd<R: AsFd>(r: &R) -> BorrowedFd<'_> {
-    r.as_fd()
-}
-
 impl<R: Read + AsFd> Receiver<R> {
     /// A receiver on a file descriptor: page data is read from the fd straight into guest
     /// memory. `stream` must not buffer (a `TcpStream`, `UnixStream`, `File`, `ChildStdout`,
     /// ...): headers are read through `Read`, page data from the fd.
     pub fn new_vectored(stream: R) -> Self {
-        Receiver { stream, fd: Some(borrow_fd::<R>), offset: 0, bounce: Vec::new() }
+        Receiver { stream, fd: Some(<R as AsFd>::as_fd), offset: 0, bounce: Vec::new() }
     }
 }
 
@@ -109,11 +105,11 @@ impl<R: Read> Receiver<R> {
         if magic != MAGIC {
             return Err(MigrationError::BadMagic(magic));
         }
-        let version = le32(&header, 8);
+        let version = le_u32(&header, 8);
         if version != VERSION {
             return Err(MigrationError::UnsupportedVersion(version));
         }
-        if le32(&header, 12) != 0 {
+        if le_u32(&header, 12) != 0 {
             return Err(MigrationError::InvalidFrame { what: "stream header flags", offset: 0 });
         }
 
@@ -124,7 +120,7 @@ impl<R: Read> Receiver<R> {
             let at = self.offset;
             let mut h = [0u8; FRAME_HEADER_LEN];
             self.read_full(&mut h, "a frame header")?;
-            let (kind, flags, a, b) = (le32(&h, 0), le32(&h, 4), le64(&h, 8), le64(&h, 16));
+            let (kind, flags, a, b) = (le_u32(&h, 0), le_u32(&h, 4), le_u64(&h, 8), le_u64(&h, 16));
             if !matches!(kind, FRAME_PAGES | FRAME_END_OF_ROUND | FRAME_CHECKSUMS | FRAME_DONE) {
                 return Err(MigrationError::UnknownFrame { kind, offset: at });
             }
@@ -243,7 +239,8 @@ impl<R: Read> Receiver<R> {
         for region in mem.iter() {
             let mut entry = [0u8; CHECKSUM_ENTRY_LEN];
             self.read_full(&mut entry, "a checksum entry")?;
-            let (addr, len, expected) = (GuestAddress(le64(&entry, 0)), le64(&entry, 8), le64(&entry, 16));
+            let (addr, len, expected) =
+                (GuestAddress(le_u64(&entry, 0)), le_u64(&entry, 8), le_u64(&entry, 16));
             if addr != region.start_addr() || len != region.len() {
                 return Err(MigrationError::RegionMismatch { addr, len });
             }

@@ -66,17 +66,13 @@ pub struct Sender<W> {
     ranges: Vec<(GuestAddress, u64)>,
 }
 
-fn borrow_fd<W: AsFd>(w: &W) -> BorrowedFd<'_> {
-    w.as_fd()
-}
-
 impl<W: Write + AsFd> Sender<W> {
     /// A sender on a file descriptor: writes the stream header, then sends pages with
     /// `writev(2)` straight from guest memory. `stream` must not buffer (a `TcpStream`,
     /// `UnixStream`, `File`, `ChildStdin`, ...): bytes are written to the fd, not through
     /// `Write`.
     pub fn new_vectored(stream: W) -> Result<Self> {
-        let mut s = Self::with_path(stream, Some(borrow_fd::<W>));
+        let mut s = Self::with_path(stream, Some(<W as AsFd>::as_fd));
         s.write_all(&stream_header(), "writing the stream header")?;
         Ok(s)
     }

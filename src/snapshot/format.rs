@@ -6,6 +6,7 @@ use std::os::unix::fs::FileExt;
 
 use super::{io_err, SnapshotError};
 use crate::address::GuestAddress;
+use crate::bytes::{le_u32, le_u64, put_le_u32, put_le_u64};
 use crate::checksum::Checksum;
 
 /// The first 8 bytes of every snapshot file.
@@ -151,26 +152,6 @@ pub struct SnapshotInfo {
     pub regions: Vec<SnapshotRegion>,
 }
 
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    let mut x = [0u8; 4];
-    x.copy_from_slice(&b[at..at + 4]);
-    u32::from_le_bytes(x)
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[at..at + 8]);
-    u64::from_le_bytes(x)
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
 /// The checksum of a header area, with its checksum field read as zero.
 pub(crate) fn header_checksum(area: &[u8]) -> u64 {
     let mut c = Checksum::new();
@@ -183,11 +164,6 @@ pub(crate) fn header_checksum(area: &[u8]) -> u64 {
 /// Words of a page bitmap for a region of `len` bytes.
 pub(crate) fn bitmap_words(len: u64, page_size: u64) -> u64 {
     len.div_ceil(page_size).div_ceil(64)
-}
-
-/// `value` rounded up to a multiple of `align` (a power of two), if it fits.
-pub(crate) fn align_up(value: u64, align: u64) -> Option<u64> {
-    value.checked_add(align - 1).map(|v| v & !(align - 1))
 }
 
 impl SnapshotInfo {
@@ -208,7 +184,7 @@ impl SnapshotInfo {
         let mut out = Vec::with_capacity(regions.len());
         for &(guest_addr, len, region_page) in regions {
             let align = region_page.max(page_size);
-            let data_offset = align_up(end, align)?;
+            let data_offset = end.checked_next_multiple_of(align)?;
             end = data_offset.checked_add(len)?;
             let pages = (kind == SnapshotKind::Diff)
                 .then(|| vec![0u64; usize::try_from(bitmap_words(len, page_size)).unwrap_or(0)]);
@@ -235,30 +211,30 @@ impl SnapshotInfo {
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut b = vec![0u8; usize::try_from(self.header_len).unwrap_or(0)];
         b[..8].copy_from_slice(&MAGIC);
-        put_u32(&mut b, 8, VERSION);
-        put_u32(&mut b, 12, if self.kind == SnapshotKind::Diff { FLAG_DIFF } else { 0 });
-        put_u32(&mut b, 16, self.regions.len() as u32);
-        put_u32(&mut b, 20, self.page_size as u32);
-        put_u64(&mut b, 24, self.header_len);
-        put_u64(&mut b, 32, self.file_len);
+        put_le_u32(&mut b, 8, VERSION);
+        put_le_u32(&mut b, 12, if self.kind == SnapshotKind::Diff { FLAG_DIFF } else { 0 });
+        put_le_u32(&mut b, 16, self.regions.len() as u32);
+        put_le_u32(&mut b, 20, self.page_size as u32);
+        put_le_u64(&mut b, 24, self.header_len);
+        put_le_u64(&mut b, 32, self.file_len);
         let mut bitmap_at = HEADER_LEN + REGION_ENTRY_LEN * self.regions.len() as u64;
         for (i, r) in self.regions.iter().enumerate() {
             let e = (HEADER_LEN + REGION_ENTRY_LEN * i as u64) as usize;
-            put_u64(&mut b, e, r.guest_addr.0);
-            put_u64(&mut b, e + 8, r.len);
-            put_u64(&mut b, e + 16, r.page_size);
-            put_u64(&mut b, e + 24, r.data_offset);
-            put_u64(&mut b, e + 32, r.checksum);
+            put_le_u64(&mut b, e, r.guest_addr.0);
+            put_le_u64(&mut b, e + 8, r.len);
+            put_le_u64(&mut b, e + 16, r.page_size);
+            put_le_u64(&mut b, e + 24, r.data_offset);
+            put_le_u64(&mut b, e + 32, r.checksum);
             if let Some(words) = &r.pages {
-                put_u64(&mut b, e + 40, bitmap_at);
+                put_le_u64(&mut b, e + 40, bitmap_at);
                 for (j, w) in words.iter().enumerate() {
-                    put_u64(&mut b, bitmap_at as usize + 8 * j, *w);
+                    put_le_u64(&mut b, bitmap_at as usize + 8 * j, *w);
                 }
                 bitmap_at += 8 * words.len() as u64;
             }
         }
         let sum = header_checksum(&b);
-        put_u64(&mut b, HEADER_CHECKSUM_OFFSET, sum);
+        put_le_u64(&mut b, HEADER_CHECKSUM_OFFSET, sum);
         b
     }
 
@@ -279,11 +255,11 @@ impl SnapshotInfo {
             found.copy_from_slice(&head[..8]);
             return Err(SnapshotError::BadMagic { found });
         }
-        let version = u32_at(&head, 8);
+        let version = le_u32(&head, 8);
         if version != VERSION {
             return Err(SnapshotError::UnsupportedVersion { found: version, supported: VERSION });
         }
-        let header_len = u64_at(&head, 24);
+        let header_len = le_u64(&head, 24);
         if !(HEADER_LEN..=MAX_HEADER_AREA).contains(&header_len) {
             return Err(SnapshotError::InvalidLayout { reason: "header length out of range" });
         }
@@ -292,7 +268,7 @@ impl SnapshotInfo {
         }
         let mut area = vec![0u8; header_len as usize];
         file.read_exact_at(&mut area, 0).map_err(|e| io_err("read region table", 0, e))?;
-        let stored = u64_at(&area, HEADER_CHECKSUM_OFFSET);
+        let stored = le_u64(&area, HEADER_CHECKSUM_OFFSET);
         let computed = header_checksum(&area);
         if stored != computed {
             return Err(SnapshotError::HeaderChecksum { stored, computed });
@@ -308,15 +284,15 @@ impl SnapshotInfo {
     /// layout.
     fn parse(area: &[u8]) -> Result<SnapshotInfo, SnapshotError> {
         let bad = |reason| Err(SnapshotError::InvalidLayout { reason });
-        let flags = u32_at(area, 12);
+        let flags = le_u32(area, 12);
         if flags & !FLAG_DIFF != 0 {
             return bad("unknown flags");
         }
         let kind = if flags & FLAG_DIFF != 0 { SnapshotKind::Diff } else { SnapshotKind::Full };
-        let count = u32_at(area, 16);
-        let page_size = u64::from(u32_at(area, 20));
+        let count = le_u32(area, 16);
+        let page_size = u64::from(le_u32(area, 20));
         let header_len = area.len() as u64;
-        let file_len = u64_at(area, 32);
+        let file_len = le_u64(area, 32);
         if count > MAX_REGIONS {
             return bad("too many regions");
         }
@@ -336,12 +312,12 @@ impl SnapshotInfo {
         let mut next_guest: Option<u64> = Some(0);
         for i in 0..count as usize {
             let e = HEADER_LEN as usize + REGION_ENTRY_LEN as usize * i;
-            let guest_addr = u64_at(area, e);
-            let len = u64_at(area, e + 8);
-            let region_page = u64_at(area, e + 16);
-            let data_offset = u64_at(area, e + 24);
-            let checksum = u64_at(area, e + 32);
-            let bitmap_offset = u64_at(area, e + 40);
+            let guest_addr = le_u64(area, e);
+            let len = le_u64(area, e + 8);
+            let region_page = le_u64(area, e + 16);
+            let data_offset = le_u64(area, e + 24);
+            let checksum = le_u64(area, e + 32);
+            let bitmap_offset = le_u64(area, e + 40);
             if len == 0 || guest_addr.checked_add(len - 1).is_none() {
                 return bad("empty region, or one that wraps the guest address space");
             }
@@ -370,7 +346,7 @@ impl SnapshotInfo {
                         return bad("page bitmap out of place");
                     }
                     let at = bitmap_at as usize;
-                    let v: Vec<u64> = (0..words as usize).map(|j| u64_at(area, at + 8 * j)).collect();
+                    let v: Vec<u64> = (0..words as usize).map(|j| le_u64(area, at + 8 * j)).collect();
                     // Bits past the region's last page must be clear.
                     let num_pages = len.div_ceil(page_size);
                     if !num_pages.is_multiple_of(64) && v.last().is_some_and(|w| w >> (num_pages % 64) != 0) {
