@@ -107,3 +107,23 @@ pub fn contents<M: guestmem::GuestMemory>(mem: &M) -> Vec<Vec<u8>> {
         })
         .collect()
 }
+
+/// The end of an error-variant enumeration test: the errors `produced` by real calls name
+/// exactly the variants in `all` (through the test's exhaustive `name` match), each has a
+/// message, and, with `one_each`, there is exactly one producing call per variant.
+pub fn assert_every_variant<E: std::fmt::Debug + std::fmt::Display>(
+    produced: &[E],
+    name: impl Fn(&E) -> &'static str,
+    all: &[&'static str],
+    one_each: bool,
+) {
+    let names: std::collections::BTreeSet<&str> = produced.iter().map(name).collect();
+    let all_set: std::collections::BTreeSet<&str> = all.iter().copied().collect();
+    assert_eq!(names, all_set);
+    if one_each {
+        assert_eq!(produced.len(), all.len(), "one producing call per variant: {produced:?}");
+    }
+    for e in produced {
+        assert!(!e.to_string().is_empty());
+    }
+}
