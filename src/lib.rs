@@ -42,6 +42,7 @@ pub mod kvm;
 pub mod memory;
 pub mod migration;
 pub mod mmap;
+mod pod;
 pub mod region;
 pub mod snapshot;
 pub mod sys;

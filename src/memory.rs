@@ -22,118 +22,13 @@ use std::mem::size_of;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use crate::address::{Address, GuestAddress, GuestUsize, MemoryRegionAddress};
+use crate::address::{Address, GuestAddress, MemoryRegionAddress};
 use crate::bitmap::{Bitmap, NewBitmap};
 use crate::bytes::{AtomicAccess, ByteValued, Bytes};
-use crate::mmap::{Backing, FileOffset, MmapError, MmapRegionBuilder};
+use crate::mmap::{Backing, FileOffset, MmapRegionBuilder};
+pub use crate::region::GuestMemoryError;
 use crate::region::{GuestMemoryRegion, GuestRegionMmap, BS};
 use crate::volatile::{ReadVolatile, VolatileError, VolatileSlice, WriteVolatile};
-
-/// Errors of guest memory: translation, access and region management. Each names the guest
-/// address it is about.
-#[derive(Debug, thiserror::Error)]
-pub enum GuestMemoryError {
-    /// No region holds the address.
-    #[error("guest address {0} is not in any region")]
-    InvalidGuestAddress(GuestAddress),
-    /// The range starts in guest memory but runs into a hole or past the last region.
-    #[error("guest range of {len:#x} bytes at {addr} is not entirely backed by memory")]
-    InvalidRange {
-        /// Start of the range.
-        addr: GuestAddress,
-        /// Length of the range.
-        len: usize,
-    },
-    /// The range wraps past the top of the 64-bit guest address space.
-    #[error("guest range of {len:#x} bytes at {addr} wraps past the end of the address space")]
-    Overflow {
-        /// Start of the range.
-        addr: GuestAddress,
-        /// Length of the range.
-        len: usize,
-    },
-    /// A single-region slice was asked for a range that spans several regions.
-    #[error("guest range of {len:#x} bytes at {addr} spans more than one region")]
-    NotContiguous {
-        /// Start of the range.
-        addr: GuestAddress,
-        /// Length of the range.
-        len: usize,
-    },
-    /// A write to a region without write access.
-    #[error("write of {len:#x} bytes at {addr} hits read-only memory")]
-    ReadOnly {
-        /// Start of the write.
-        addr: GuestAddress,
-        /// Length of the write.
-        len: usize,
-    },
-    /// A transfer with a file or socket stopped early (end of file, closed peer).
-    #[error("transfer at {addr} stopped after {completed:#x} of {expected:#x} bytes")]
-    PartialBuffer {
-        /// Where the transfer started.
-        addr: GuestAddress,
-        /// Bytes it had to move.
-        expected: usize,
-        /// Bytes it moved.
-        completed: usize,
-    },
-    /// An access within a region failed (a misaligned atomic, an I/O error).
-    #[error("access at {addr} failed: {source}")]
-    Access {
-        /// Guest address of the access.
-        addr: GuestAddress,
-        /// What failed.
-        source: VolatileError,
-    },
-    /// A region placement that wraps past the top of the 64-bit guest address space (or a
-    /// region of length 0).
-    #[error("region of {len:#x} bytes at {base} does not fit in the guest address space")]
-    RegionOverflow {
-        /// Where the region was to start.
-        base: GuestAddress,
-        /// Its length.
-        len: GuestUsize,
-    },
-    /// Two regions overlap.
-    #[error("region [{first_start}, +{first_len:#x}) overlaps region [{second_start}, +{second_len:#x})")]
-    RegionOverlap {
-        /// Start of the first region.
-        first_start: GuestAddress,
-        /// Length of the first region.
-        first_len: GuestUsize,
-        /// Start of the second region.
-        second_start: GuestAddress,
-        /// Length of the second region.
-        second_len: GuestUsize,
-    },
-    /// No region starts at the address given to `remove_region`.
-    #[error("no region starts at {0}")]
-    NoRegionAt(GuestAddress),
-    /// Building a region's mapping failed.
-    #[error("mapping a region at {base} failed: {source}")]
-    Mmap {
-        /// Where the region was to be placed.
-        base: GuestAddress,
-        /// Why.
-        source: MmapError,
-    },
-}
-
-impl GuestMemoryError {
-    /// The guest-memory form of a volatile error at `addr`.
-    pub(crate) fn from_volatile(addr: GuestAddress, source: VolatileError) -> Self {
-        match source {
-            VolatileError::ReadOnly { len, .. } => GuestMemoryError::ReadOnly { addr, len },
-            VolatileError::OutOfBounds { len, .. } => GuestMemoryError::InvalidRange { addr, len },
-            VolatileError::Overflow { len, .. } => GuestMemoryError::Overflow { addr, len },
-            VolatileError::PartialBuffer { expected, completed } => {
-                GuestMemoryError::PartialBuffer { addr, expected, completed }
-            }
-            source => GuestMemoryError::Access { addr, source },
-        }
-    }
-}
 
 /// A result of guest memory access.
 pub type Result<T> = std::result::Result<T, GuestMemoryError>;

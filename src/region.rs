@@ -20,10 +20,118 @@ use crate::address::{Address, GuestAddress, GuestUsize, MemoryRegionAddress};
 use crate::bitmap::Bitmap;
 use crate::bitmap::NewBitmap;
 use crate::bytes::{AtomicAccess, ByteValued, Bytes};
-use crate::memory::GuestMemoryError;
-use crate::mmap::{FileOffset, MmapRegion, MmapRegionBuilder};
+use crate::mmap::{FileOffset, MmapError, MmapRegion, MmapRegionBuilder};
 use crate::sys::Protection;
-use crate::volatile::{ReadVolatile, VolatileMemory, VolatileSlice, WriteVolatile};
+use crate::volatile::{ReadVolatile, VolatileError, VolatileMemory, VolatileSlice, WriteVolatile};
+
+/// Errors of guest memory: translation, access and region management. Each names the guest
+/// address it is about.
+///
+/// Defined with the regions (the lower layer) and re-exported by [`memory`](crate::memory), so
+/// that the layers depend on each other in one direction only.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestMemoryError {
+    /// No region holds the address.
+    #[error("guest address {0} is not in any region")]
+    InvalidGuestAddress(GuestAddress),
+    /// The range starts in guest memory but runs into a hole or past the last region.
+    #[error("guest range of {len:#x} bytes at {addr} is not entirely backed by memory")]
+    InvalidRange {
+        /// Start of the range.
+        addr: GuestAddress,
+        /// Length of the range.
+        len: usize,
+    },
+    /// The range wraps past the top of the 64-bit guest address space.
+    #[error("guest range of {len:#x} bytes at {addr} wraps past the end of the address space")]
+    Overflow {
+        /// Start of the range.
+        addr: GuestAddress,
+        /// Length of the range.
+        len: usize,
+    },
+    /// A single-region slice was asked for a range that spans several regions.
+    #[error("guest range of {len:#x} bytes at {addr} spans more than one region")]
+    NotContiguous {
+        /// Start of the range.
+        addr: GuestAddress,
+        /// Length of the range.
+        len: usize,
+    },
+    /// A write to a region without write access.
+    #[error("write of {len:#x} bytes at {addr} hits read-only memory")]
+    ReadOnly {
+        /// Start of the write.
+        addr: GuestAddress,
+        /// Length of the write.
+        len: usize,
+    },
+    /// A transfer with a file or socket stopped early (end of file, closed peer).
+    #[error("transfer at {addr} stopped after {completed:#x} of {expected:#x} bytes")]
+    PartialBuffer {
+        /// Where the transfer started.
+        addr: GuestAddress,
+        /// Bytes it had to move.
+        expected: usize,
+        /// Bytes it moved.
+        completed: usize,
+    },
+    /// An access within a region failed (a misaligned atomic, an I/O error).
+    #[error("access at {addr} failed: {source}")]
+    Access {
+        /// Guest address of the access.
+        addr: GuestAddress,
+        /// What failed.
+        source: VolatileError,
+    },
+    /// A region placement that wraps past the top of the 64-bit guest address space (or a
+    /// region of length 0).
+    #[error("region of {len:#x} bytes at {base} does not fit in the guest address space")]
+    RegionOverflow {
+        /// Where the region was to start.
+        base: GuestAddress,
+        /// Its length.
+        len: GuestUsize,
+    },
+    /// Two regions overlap.
+    #[error("region [{first_start}, +{first_len:#x}) overlaps region [{second_start}, +{second_len:#x})")]
+    RegionOverlap {
+        /// Start of the first region.
+        first_start: GuestAddress,
+        /// Length of the first region.
+        first_len: GuestUsize,
+        /// Start of the second region.
+        second_start: GuestAddress,
+        /// Length of the second region.
+        second_len: GuestUsize,
+    },
+    /// No region starts at the address given to `remove_region`.
+    #[error("no region starts at {0}")]
+    NoRegionAt(GuestAddress),
+    /// Building a region's mapping failed.
+    #[error("mapping a region at {base} failed: {source}")]
+    Mmap {
+        /// Where the region was to be placed.
+        base: GuestAddress,
+        /// Why.
+        source: MmapError,
+    },
+}
+
+impl GuestMemoryError {
+    /// The guest-memory form of a volatile error at `addr`.
+    pub(crate) fn from_volatile(addr: GuestAddress, source: VolatileError) -> Self {
+        match source {
+            VolatileError::ReadOnly { len, .. } => GuestMemoryError::ReadOnly { addr, len },
+            VolatileError::OutOfBounds { len, .. } => GuestMemoryError::InvalidRange { addr, len },
+            VolatileError::Overflow { len, .. } => GuestMemoryError::Overflow { addr, len },
+            VolatileError::PartialBuffer { expected, completed } => {
+                GuestMemoryError::PartialBuffer { addr, expected, completed }
+            }
+            source => GuestMemoryError::Access { addr, source },
+        }
+    }
+}
 
 /// The bitmap slice type of a bitmap `B`.
 pub type BS<'a, B> = <B as Bitmap>::Slice<'a>;
@@ -131,7 +239,7 @@ impl<B: Bitmap> GuestRegionMmap<B> {
         self.mapping.get_slice(at, count).map_err(|e| self.error(offset, e))
     }
 
-    fn error(&self, offset: MemoryRegionAddress, source: crate::VolatileError) -> GuestMemoryError {
+    fn error(&self, offset: MemoryRegionAddress, source: VolatileError) -> GuestMemoryError {
         GuestMemoryError::from_volatile(GuestAddress(self.guest_base.0.wrapping_add(offset.0)), source)
     }
 }

@@ -9,7 +9,7 @@
 use std::mem::{size_of, MaybeUninit};
 use std::ptr;
 
-use crate::bytes::ByteValued;
+use crate::pod::ByteValued;
 
 /// Whether `addr` is a multiple of `align` (a power of two).
 #[inline(always)]

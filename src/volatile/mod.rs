@@ -11,6 +11,35 @@
 //! through a slice of read-only memory returns [`VolatileError::ReadOnly`] instead of faulting.
 //! Every successful write marks the bytes it wrote in the slice's bitmap, after the copy.
 //!
+//! # The memory model
+//!
+//! Two kinds of memory sit behind a slice, with two contracts:
+//!
+//! - **Shared memory** (guest RAM: the mappings of [`mmap`](crate::mmap), or memory a caller
+//!   vouches for with the unsafe [`VolatileSlice::new`]/[`VolatileSlice::with_bitmap`]) is memory
+//!   that a guest, a device or another process changes at any time, outside the Rust abstract
+//!   machine. Its slices are `Send + Sync` (as far as their bitmap is) and may be used from any
+//!   number of threads at once; plain reads and writes of it race with the other parties by
+//!   design, as on MMIO: they are volatile accesses or raw copies that never assume the bytes
+//!   stay put, and aligned 1/2/4/8-byte accesses are single accesses that cannot tear.
+//!   Ordering between threads is the caller's business, through [`AtomicRef`]s and
+//!   `load`/`store`.
+//! - **A Rust buffer** (`VolatileSlice::from(&mut [u8])`) is memory the Rust abstract machine
+//!   owns, where two unsynchronized accesses of which one writes are a data race and undefined
+//!   behaviour. Its slices carry the [`HostBuffer`] marker, which is neither `Send` nor `Sync`:
+//!   the copies of such a slice all stay on the thread that borrowed the buffer, so they can
+//!   never race.
+//!
+//! ```compile_fail,E0277
+//! use guestmem::{Bytes, VolatileSlice};
+//! let mut buf = [0u8; 8];
+//! let slice = VolatileSlice::from(&mut buf[..]);
+//! std::thread::scope(|s| {
+//!     s.spawn(move || slice.write_obj(1u8, 0).unwrap()); // a second thread: refused
+//!     slice.write_obj(2u8, 0).unwrap();
+//! });
+//! ```
+//!
 //! ```
 //! use guestmem::{Bytes, VolatileMemory, VolatileSlice};
 //!
@@ -23,19 +52,17 @@
 //! assert!(slice.write_obj(1u64, 60).is_err()); // runs past the end
 //! ```
 
-mod copy;
+pub(crate) mod copy;
 pub mod io;
 mod refs;
 
 pub use io::{ReadVolatile, ReadVolatileAt, WriteVolatile, WriteVolatileAt};
 pub use refs::{AtomicRef, VolatileArrayRef, VolatileRef};
 
+use crate::bitmap::BitmapSlice;
+use crate::pod::{AtomicInteger, ByteValued};
 use std::marker::PhantomData;
 use std::mem::{align_of, size_of};
-use std::sync::atomic::Ordering;
-
-use crate::bitmap::BitmapSlice;
-use crate::bytes::{AtomicAccess, AtomicInteger, ByteValued, Bytes};
 
 /// Errors of volatile access. Offsets are relative to the slice or memory accessed.
 #[derive(Debug, thiserror::Error)]
@@ -166,8 +193,10 @@ pub trait VolatileMemory {
 /// A window of memory that may change at any time: a pointer, a length, a bitmap slice to mark
 /// writes in, and whether writes are allowed.
 ///
-/// Cheap to copy and pass around; `Send`/`Sync` when its bitmap slice is. All accesses are
-/// bounds checked, volatile or raw copies, and never create a reference to the memory.
+/// Cheap to copy and pass around; `Send`/`Sync` when its bitmap slice is (see the
+/// [memory model](self#the-memory-model)). All accesses are bounds checked, volatile or raw
+/// copies, and never create a `&`/`&mut` to the bytes (the one exception is an
+/// [`AtomicRef`] operation, which makes a `&AtomicX` for its own duration: see there).
 pub struct VolatileSlice<'a, S = ()> {
     addr: *mut u8,
     len: usize,
@@ -176,8 +205,10 @@ pub struct VolatileSlice<'a, S = ()> {
     phantom: PhantomData<&'a u8>,
 }
 
-// SAFETY: a VolatileSlice is a pointer to memory that is shared by design; every access is
-// volatile or a raw copy, so sending it or sharing it between threads is as safe as its bitmap.
+// SAFETY: a VolatileSlice is a pointer to memory that is shared by design (the constructors'
+// contracts say so for every `S` that is Send/Sync; slices of Rust buffers carry `HostBuffer`,
+// which is neither); every access is volatile or a raw copy, so sending or sharing the slice
+// between threads is as safe as its bitmap.
 unsafe impl<S: Send> Send for VolatileSlice<'_, S> {}
 // SAFETY: as above.
 unsafe impl<S: Sync> Sync for VolatileSlice<'_, S> {}
@@ -212,19 +243,59 @@ impl<'a> VolatileSlice<'a, ()> {
     ///
     /// # Safety
     /// `[addr, addr + len)` must be valid for volatile reads and writes for all of `'a`, and no
-    /// Rust reference to any of it may be used during `'a`.
+    /// Rust reference to any of it may be used during `'a`. The slice is `Send + Sync` and
+    /// `Copy`: the memory must be shared memory in the sense of the
+    /// [memory model](self#the-memory-model) (a mapping shared with a guest or another
+    /// process), not a Rust allocation that several threads would then race on; for a Rust
+    /// buffer use `VolatileSlice::from(&mut [u8])`.
     pub unsafe fn new(addr: *mut u8, len: usize) -> Self {
         // SAFETY: the caller's contract is the one `with_bitmap` needs, with writes allowed.
         unsafe { Self::with_bitmap(addr, len, (), true) }
     }
 }
 
-impl<'a> From<&'a mut [u8]> for VolatileSlice<'a, ()> {
-    /// A writable, untracked slice over a buffer the slice borrows exclusively.
+/// The bitmap slice of a [`VolatileSlice`] borrowed from a Rust buffer
+/// (`VolatileSlice::from(&mut [u8])`): it tracks nothing, and it is neither `Send` nor `Sync`,
+/// so every copy of the slice stays on the thread that borrowed the buffer (see the
+/// [memory model](self#the-memory-model)).
+///
+/// ```
+/// use guestmem::volatile::HostBuffer;
+/// use guestmem::{Bytes, VolatileSlice};
+/// let mut buf = [0u8; 4];
+/// let slice: VolatileSlice<'_, HostBuffer> = VolatileSlice::from(&mut buf[..]);
+/// slice.write_obj(7u16, 2).unwrap();
+/// assert_eq!(buf, [0, 0, 7, 0]);
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HostBuffer {
+    /// A raw pointer is neither `Send` nor `Sync`; this makes `HostBuffer` neither.
+    _not_shared: PhantomData<*const ()>,
+}
+
+impl BitmapSlice for HostBuffer {
+    #[inline(always)]
+    fn mark_dirty(&self, _offset: usize, _len: usize) {}
+
+    #[inline(always)]
+    fn dirty_at(&self, _offset: usize) -> bool {
+        false
+    }
+
+    #[inline(always)]
+    fn slice_at(&self, _offset: usize) -> Self {
+        *self
+    }
+}
+
+impl<'a> From<&'a mut [u8]> for VolatileSlice<'a, HostBuffer> {
+    /// A writable, untracked slice over a buffer the slice borrows exclusively; the slice and
+    /// its copies stay on this thread ([`HostBuffer`]).
     fn from(buf: &'a mut [u8]) -> Self {
         // SAFETY: `buf` is valid for reads and writes for 'a, and borrowing it mutably for 'a
-        // keeps every other reference away from it while the slice lives.
-        unsafe { Self::new(buf.as_mut_ptr(), buf.len()) }
+        // keeps every other reference away from it while the slice lives. The `HostBuffer`
+        // marker keeps the slice and its copies on this thread, so they cannot race.
+        unsafe { Self::with_bitmap(buf.as_mut_ptr(), buf.len(), HostBuffer::default(), true) }
     }
 }
 
@@ -234,7 +305,9 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
     ///
     /// # Safety
     /// `[addr, addr + len)` must be valid for volatile reads for all of `'a` (and for writes
-    /// too when `writable`), and no Rust reference to any of it may be used during `'a`.
+    /// too when `writable`), and no Rust reference to any of it may be used during `'a`. If
+    /// `S` is `Send` or `Sync`, the slice can be used from several threads at once: the memory
+    /// must then be shared memory in the sense of the [memory model](self#the-memory-model).
     pub unsafe fn with_bitmap(addr: *mut u8, len: usize, bitmap: S, writable: bool) -> Self {
         VolatileSlice { addr, len, bitmap, writable, phantom: PhantomData }
     }
@@ -291,7 +364,7 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
     /// Fails with [`VolatileError::ReadOnly`] if writes to `[offset, offset + len)` are not
     /// allowed.
     #[inline(always)]
-    fn check_writable(&self, offset: usize, len: usize) -> Result<()> {
+    pub(crate) fn check_writable(&self, offset: usize, len: usize) -> Result<()> {
         if self.writable {
             Ok(())
         } else {
@@ -419,7 +492,7 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
 
     /// Host address of `offset` after checking that `len` bytes fit there.
     #[inline(always)]
-    fn host_addr(&self, offset: usize, len: usize) -> Result<*mut u8> {
+    pub(crate) fn host_addr(&self, offset: usize, len: usize) -> Result<*mut u8> {
         check_range(offset, len, self.len)?;
         // SAFETY: `offset <= len` (checked above), so the pointer stays inside the slice.
         Ok(unsafe { self.addr.add(offset) })
@@ -430,7 +503,7 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
     /// # Safety
     /// `offset + count <= self.len` and `count <= buf.len()`.
     #[inline(always)]
-    unsafe fn read_unchecked(&self, buf: &mut [u8], offset: usize, count: usize) {
+    pub(crate) unsafe fn read_unchecked(&self, buf: &mut [u8], offset: usize, count: usize) {
         // SAFETY: the caller guarantees both ranges; `buf` is a host buffer we borrow mutably.
         unsafe { copy::copy_nonoverlapping(self.addr.add(offset), buf.as_mut_ptr(), count) }
     }
@@ -440,7 +513,7 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
     /// # Safety
     /// `offset + count <= self.len` and `count <= buf.len()`.
     #[inline(always)]
-    unsafe fn write_unchecked(&self, buf: &[u8], offset: usize, count: usize) -> Result<()> {
+    pub(crate) unsafe fn write_unchecked(&self, buf: &[u8], offset: usize, count: usize) -> Result<()> {
         self.check_writable(offset, count)?;
         // SAFETY: the caller guarantees both ranges; the slice is writable (checked).
         unsafe { copy::copy_nonoverlapping(buf.as_ptr(), self.addr.add(offset), count) };
@@ -450,7 +523,7 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
 
     /// The part of the slice `[addr, addr + count)` clipped to the end, for the "as much as
     /// fits" calls. `addr == len` gives an empty slice; beyond is out of bounds.
-    fn clip(&self, addr: usize, count: usize) -> Result<Self> {
+    pub(crate) fn clip(&self, addr: usize, count: usize) -> Result<Self> {
         if addr > self.len {
             return Err(VolatileError::OutOfBounds { offset: addr, len: count, size: self.len });
         }
@@ -472,103 +545,6 @@ impl<S: BitmapSlice> VolatileMemory for VolatileSlice<'_, S> {
 
     fn get_slice(&self, offset: usize, count: usize) -> Result<VolatileSlice<'_, S>> {
         self.subslice(offset, count)
-    }
-}
-
-impl<S: BitmapSlice> Bytes<usize> for VolatileSlice<'_, S> {
-    type E = VolatileError;
-
-    fn write(&self, buf: &[u8], addr: usize) -> Result<usize> {
-        let dst = self.clip(addr, buf.len())?;
-        // SAFETY: `dst.len <= buf.len()` and it is a range of this slice.
-        unsafe { dst.write_unchecked(buf, 0, dst.len)? };
-        Ok(dst.len)
-    }
-
-    fn read(&self, buf: &mut [u8], addr: usize) -> Result<usize> {
-        let src = self.clip(addr, buf.len())?;
-        // SAFETY: `src.len <= buf.len()` and it is a range of this slice.
-        unsafe { src.read_unchecked(buf, 0, src.len) };
-        Ok(src.len)
-    }
-
-    #[inline]
-    fn write_slice(&self, buf: &[u8], addr: usize) -> Result<()> {
-        check_range(addr, buf.len(), self.len)?;
-        // SAFETY: `addr + buf.len() <= len`, checked above.
-        unsafe { self.write_unchecked(buf, addr, buf.len()) }
-    }
-
-    #[inline]
-    fn read_slice(&self, buf: &mut [u8], addr: usize) -> Result<()> {
-        check_range(addr, buf.len(), self.len)?;
-        let len = buf.len();
-        // SAFETY: `addr + buf.len() <= len`, checked above.
-        unsafe { self.read_unchecked(buf, addr, len) };
-        Ok(())
-    }
-
-    #[inline]
-    fn write_obj<T: ByteValued>(&self, val: T, addr: usize) -> Result<()> {
-        let dst = self.host_addr(addr, size_of::<T>())?;
-        self.check_writable(addr, size_of::<T>())?;
-        // SAFETY: `size_of::<T>()` bytes at `dst` lie in this writable slice (checked).
-        unsafe { copy::store_obj(val, dst) };
-        self.bitmap.mark_dirty(addr, size_of::<T>());
-        Ok(())
-    }
-
-    #[inline]
-    fn read_obj<T: ByteValued>(&self, addr: usize) -> Result<T> {
-        let src = self.host_addr(addr, size_of::<T>())?;
-        // SAFETY: `size_of::<T>()` bytes at `src` lie in this slice (checked).
-        Ok(unsafe { copy::load_obj(src) })
-    }
-
-    fn read_volatile_from<F: ReadVolatile + ?Sized>(
-        &self,
-        addr: usize,
-        src: &mut F,
-        count: usize,
-    ) -> Result<usize> {
-        src.read_volatile(&self.clip(addr, count)?)
-    }
-
-    fn read_exact_volatile_from<F: ReadVolatile + ?Sized>(
-        &self,
-        addr: usize,
-        src: &mut F,
-        count: usize,
-    ) -> Result<()> {
-        src.read_exact_volatile(&self.subslice(addr, count)?)
-    }
-
-    fn write_volatile_to<F: WriteVolatile + ?Sized>(
-        &self,
-        addr: usize,
-        dst: &mut F,
-        count: usize,
-    ) -> Result<usize> {
-        dst.write_volatile(&self.clip(addr, count)?)
-    }
-
-    fn write_all_volatile_to<F: WriteVolatile + ?Sized>(
-        &self,
-        addr: usize,
-        dst: &mut F,
-        count: usize,
-    ) -> Result<()> {
-        dst.write_all_volatile(&self.subslice(addr, count)?)
-    }
-
-    #[inline]
-    fn store<T: AtomicAccess>(&self, val: T, addr: usize, order: Ordering) -> Result<()> {
-        self.get_atomic_ref::<T::A>(addr)?.store(val, order)
-    }
-
-    #[inline]
-    fn load<T: AtomicAccess>(&self, addr: usize, order: Ordering) -> Result<T> {
-        Ok(self.get_atomic_ref::<T::A>(addr)?.load(order))
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 
 use super::{check_alignment, copy, Result, VolatileError, VolatileSlice};
 use crate::bitmap::BitmapSlice;
-use crate::bytes::{AtomicInteger, ByteValued};
+use crate::pod::{AtomicInteger, ByteValued};
 
 /// A reference to one `T` in memory that may change at any time.
 ///
@@ -154,6 +154,17 @@ impl<'a, T: ByteValued, S: BitmapSlice> VolatileArrayRef<'a, T, S> {
 /// Every operation that writes marks the value dirty afterwards; writes to read-only memory fail
 /// with [`VolatileError::ReadOnly`] before touching it.
 ///
+/// Each operation makes a `&A` to the guest bytes for its own duration and calls std's atomic
+/// operation on it. That is the one place guestmem makes a Rust reference to guest memory, and
+/// it is sound: `A` is one of std's atomics ([`AtomicInteger`] is sealed), an `UnsafeCell` of an
+/// integer that every bit pattern is a value of and that others may change concurrently; the
+/// bytes are in bounds, aligned for `A` (checked when the ref is made) and mapped for `'a`. On
+/// read-only memory only "sufficiently small" `Relaxed` loads are allowed by std's rules for
+/// read-only memory (any other atomic access there is undefined behaviour, even a failing
+/// compare-exchange): so no read-modify-write reaches read-only memory, and
+/// [`load`](Self::load) there is a `Relaxed` load followed by a fence of the requested
+/// ordering.
+///
 /// ```
 /// use std::sync::atomic::{AtomicU32, Ordering};
 /// use guestmem::{VolatileMemory, VolatileSlice};
@@ -181,10 +192,12 @@ impl<'a, A: AtomicInteger, S: BitmapSlice> AtomicRef<'a, A, S> {
 
     #[inline(always)]
     fn atomic(&self) -> &A {
-        // SAFETY: the slice holds `size_of::<A>()` bytes aligned for `A` (checked at creation),
-        // valid for 'a. An atomic is an `UnsafeCell`: a shared reference to it is how Rust
-        // expresses memory that others change concurrently, so this reference is sound where a
-        // `&u64` would not be. Writes through it happen only after `check_writable`.
+        // SAFETY: the slice holds `size_of::<A>()` bytes aligned for `A` (checked in
+        // `from_slice`), valid for reads for 'a (the slice's contract). `A` is one of std's
+        // atomic integers (`AtomicInteger` is sealed): an `UnsafeCell` of an integer, valid for
+        // any bit pattern, whose shared references are how Rust names memory that others change
+        // concurrently. Callers write through it only after `check_writable`, and on read-only
+        // memory only `Relaxed` loads are issued through it (`load`).
         unsafe { &*self.slice.as_ptr().cast::<A>() }
     }
 
@@ -198,19 +211,40 @@ impl<'a, A: AtomicInteger, S: BitmapSlice> AtomicRef<'a, A, S> {
 
     /// The untracked atomic itself, e.g. to hand to code that wants a `&AtomicU32`.
     ///
-    /// Writes through it are not marked dirty and, on read-only memory, fault: use it for
-    /// loads, or mark by hand with [`VolatileSlice::mark_dirty`].
+    /// Writes through it are not marked dirty: mark by hand with [`VolatileSlice::mark_dirty`].
     ///
     /// # Safety
-    /// The caller must not write through the reference if the memory is read-only.
+    /// If the memory is read-only ([`is_writable`](Self::is_writable) is false), the caller
+    /// may only issue `Relaxed` loads through the reference: any other atomic operation on
+    /// read-only memory is undefined behaviour (a write faults; a failing compare-exchange or an
+    /// `Acquire` load may be a write to the CPU).
     pub unsafe fn as_atomic(&self) -> &A {
         self.atomic()
     }
 
-    /// `load`.
+    /// Whether the memory may be written (false for read-only regions).
+    #[inline]
+    pub fn is_writable(&self) -> bool {
+        self.slice.is_writable()
+    }
+
+    /// `load`. Panics if `order` is `Release` or `AcqRel`, as std's `load` does.
+    ///
+    /// On read-only memory this is a `Relaxed` load followed by a fence of `order` (a
+    /// `Relaxed` load is the only atomic access std allows on read-only memory; the fence gives
+    /// the load `Acquire` semantics, and takes part in the `SeqCst` order for `SeqCst`).
     #[inline]
     pub fn load(&self, order: Ordering) -> A::V {
-        self.atomic().load(order)
+        if self.slice.is_writable() {
+            return self.atomic().load(order);
+        }
+        let v = self.atomic().load(Ordering::Relaxed);
+        match order {
+            Ordering::Relaxed => {}
+            Ordering::Release | Ordering::AcqRel => panic!("there is no such thing as a {order:?} load"),
+            order => std::sync::atomic::fence(order),
+        }
+        v
     }
 
     /// `store`, then mark dirty.

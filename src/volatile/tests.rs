@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, 
 
 use super::*;
 use crate::bitmap::testing::ByteBitmap;
+use crate::bytes::Bytes;
 
 fn tracked(mem: &mut [u8], writable: bool) -> (VolatileSlice<'_, ByteBitmap>, ByteBitmap) {
     let bm = ByteBitmap::new(mem.len());
