@@ -29,7 +29,13 @@ impl<B: Bitmap + DirtyHarvest> GuestMemoryMmap<B> {
     /// `f(start, len)` once per maximal run of dirty guest memory, in address order; runs that
     /// continue into the next region are one call. Allocates nothing. Returns the number of
     /// dirty pages taken.
+    ///
+    /// If any region's tracking is off ([`BitmapError::NotTracking`]), fails before taking
+    /// anything from any region: a harvest is all of memory or nothing.
     pub fn take_dirty_ranges(&self, mut f: impl FnMut(GuestAddress, u64)) -> Result<usize, BitmapError> {
+        for region in self.iter() {
+            region.bitmap().page_size()?;
+        }
         let mut pending: Option<(u64, u64)> = None;
         let mut total = 0;
         for region in self.iter() {

@@ -34,8 +34,6 @@ pub mod bitmap;
 pub mod bytes;
 pub mod checksum;
 pub mod dirty;
-#[cfg(test)]
-mod error_coverage;
 pub mod host;
 #[cfg(feature = "kvm")]
 pub mod kvm;

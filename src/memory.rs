@@ -81,7 +81,13 @@ pub trait GuestMemory {
         let Some((region, offset)) = self.to_region_addr(addr) else {
             return Err(GuestMemoryError::InvalidGuestAddress(addr));
         };
-        if (count as u64).saturating_sub(1) > region.len() - 1 - offset.0 {
+        // Saturating: an implementation may hand back an offset at or past its region's end
+        // (or a region of length 0); that is an invalid address, never an underflow.
+        let available = region.len().saturating_sub(offset.0);
+        if available == 0 {
+            return Err(GuestMemoryError::InvalidGuestAddress(addr));
+        }
+        if count as u64 > available {
             return Err(GuestMemoryError::NotContiguous { addr, len: count });
         }
         region.get_slice(offset, count)
@@ -159,7 +165,12 @@ impl<'a, M: GuestMemory + ?Sized> Iterator for GuestMemorySlices<'a, M> {
                 GuestMemoryError::InvalidRange { addr: self.start, len: self.total }
             }));
         };
-        let in_region = region.len() - offset.0;
+        let in_region = region.len().saturating_sub(offset.0);
+        if in_region == 0 {
+            // An implementation whose translation lands on a region's end (or an empty one).
+            self.done = true;
+            return Some(Err(GuestMemoryError::InvalidRange { addr: self.start, len: self.total }));
+        }
         let n = (self.left as u64).min(in_region) as usize;
         let slice = region.get_slice(offset, n);
         self.left -= n;
@@ -254,13 +265,17 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
 
     /// Reads up to `count` bytes from `src` into guest memory at `addr`, region after region,
     /// stopping at a short read or where guest memory ends.
+    ///
+    /// Stops before read-only memory too (and fails with [`GuestMemoryError::ReadOnly`] if
+    /// `addr` itself is read-only), so no byte is taken from `src` that cannot be stored: on a
+    /// socket, bytes read are gone.
     fn read_volatile_from<F: ReadVolatile + ?Sized>(
         &self,
         addr: GuestAddress,
         src: &mut F,
         count: usize,
     ) -> Result<usize> {
-        transfer_some(self, addr, count, |s| src.read_volatile(s))
+        transfer_some(self, addr, count, true, |s| src.read_volatile(s))
     }
 
     fn read_exact_volatile_from<F: ReadVolatile + ?Sized>(
@@ -280,7 +295,7 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
         dst: &mut F,
         count: usize,
     ) -> Result<usize> {
-        transfer_some(self, addr, count, |s| dst.write_volatile(s))
+        transfer_some(self, addr, count, false, |s| dst.write_volatile(s))
     }
 
     fn write_all_volatile_to<F: WriteVolatile + ?Sized>(
@@ -309,16 +324,24 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
 
 /// Moves up to `count` bytes between guest memory at `addr` and a file or stream, one region's
 /// slice at a time with `step` (which returns the bytes it moved), stopping at a short move or
-/// where guest memory ends. Fails only if nothing could be moved.
+/// where guest memory ends, and, when `write` (the bytes go into guest memory), before
+/// read-only memory. Fails only if nothing could be moved.
 fn transfer_some<M: GuestMemory + ?Sized>(
     mem: &M,
     addr: GuestAddress,
     count: usize,
+    write: bool,
     mut step: impl FnMut(&GuestSlice<'_, M>) -> std::result::Result<usize, VolatileError>,
 ) -> Result<usize> {
     let mut done = 0;
     for s in mem.get_slices(addr, count) {
         let s = match s {
+            Ok(s) if write && !s.is_writable() => {
+                if done == 0 {
+                    return Err(GuestMemoryError::ReadOnly { addr, len: count });
+                }
+                break;
+            }
             Ok(s) => s,
             Err(e) if done == 0 => return Err(e),
             Err(_) => break,
@@ -459,6 +482,7 @@ impl<B: Bitmap> GuestMemoryMmap<B> {
                 });
             }
         }
+        check_file_aliases(&regions)?;
         let starts = regions.iter().map(|r| r.start_addr().0).collect();
         let table = regions
             .iter()
@@ -519,6 +543,30 @@ impl<B: Bitmap> GuestMemoryMmap<B> {
             None
         }
     }
+}
+
+/// Refuses two regions that map overlapping bytes of the same file: their bitmaps would track
+/// the same memory separately, so a harvest of one would miss writes made through the other.
+fn check_file_aliases<B: Bitmap>(regions: &[Arc<GuestRegionMmap<B>>]) -> Result<()> {
+    let mut files: Vec<(u64, u64, u64, u64, GuestAddress)> = regions
+        .iter()
+        .filter_map(|r| {
+            let (dev, ino) = r.mapping().file_id()?;
+            let start = r.file_offset()?.start();
+            Some((dev, ino, start, r.size() as u64, r.start_addr()))
+        })
+        .collect();
+    if files.len() < 2 {
+        return Ok(());
+    }
+    files.sort_unstable();
+    for pair in files.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if (a.0, a.1) == (b.0, b.1) && u128::from(b.2) < u128::from(a.2) + u128::from(a.3) {
+            return Err(GuestMemoryError::RegionAlias { first_start: a.4, second_start: b.4 });
+        }
+    }
+    Ok(())
 }
 
 impl<B: NewBitmap> GuestMemoryMmap<B> {

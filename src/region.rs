@@ -105,6 +105,37 @@ pub enum GuestMemoryError {
         /// Length of the second region.
         second_len: GuestUsize,
     },
+    /// A region placed at a guest address that is not a multiple of the host page size: its
+    /// guest addresses and host addresses would then disagree on alignment, and an aligned
+    /// guest access (an atomic, a virtio ring index) would be misaligned on the host, or torn.
+    #[error("region at {base} is not aligned to the page size {align:#x}")]
+    UnalignedRegion {
+        /// Where the region was to start.
+        base: GuestAddress,
+        /// The alignment a region's guest address needs.
+        align: u64,
+    },
+    /// An access at an offset inside one region that runs past the region's end.
+    #[error("access of {len:#x} bytes at offset {offset} of the region at {base} runs past its end ({size:#x} bytes)")]
+    InvalidRegionOffset {
+        /// The region's first guest address.
+        base: GuestAddress,
+        /// The offset in the region.
+        offset: MemoryRegionAddress,
+        /// Bytes accessed.
+        len: usize,
+        /// The region's size.
+        size: GuestUsize,
+    },
+    /// Two regions that map the same bytes of the same file (or memfd): each would keep its own
+    /// dirty bitmap, so a write through one would never show in the other's harvest.
+    #[error("regions at {first_start} and {second_start} map overlapping ranges of the same file")]
+    RegionAlias {
+        /// Start of the first region.
+        first_start: GuestAddress,
+        /// Start of the second region.
+        second_start: GuestAddress,
+    },
     /// No region starts at the address given to `remove_region`.
     #[error("no region starts at {0}")]
     NoRegionAt(GuestAddress),
@@ -190,8 +221,11 @@ pub trait GuestMemoryRegion {
     /// The host address of `offset` in the region. Writes through it are not tracked: mark
     /// them with [`Bitmap::mark_dirty`].
     fn get_host_address(&self, offset: MemoryRegionAddress) -> Result<*mut u8, GuestMemoryError> {
-        let off = self.check_address(offset).ok_or_else(|| {
-            GuestMemoryError::InvalidGuestAddress(GuestAddress(self.start_addr().0.wrapping_add(offset.0)))
+        let off = self.check_address(offset).ok_or_else(|| GuestMemoryError::InvalidRegionOffset {
+            base: self.start_addr(),
+            offset,
+            len: 1,
+            size: self.len(),
         })?;
         // `off < len`, and the region's host mapping spans `len` bytes.
         Ok(self.host_ptr().wrapping_add(off.0 as usize))
@@ -208,13 +242,22 @@ pub struct GuestRegionMmap<B = ()> {
 }
 
 impl<B: Bitmap> GuestRegionMmap<B> {
-    /// Places `mapping` at `guest_base`. The region may end exactly at the top of the 64-bit
-    /// guest address space, but not wrap past it.
+    /// Places `mapping` at `guest_base`, which must be a multiple of the host page size
+    /// ([`GuestMemoryError::UnalignedRegion`] otherwise: guest and host addresses then agree on
+    /// every alignment up to a page, so an 8-byte-aligned guest address is an 8-byte-aligned
+    /// host address and its accesses cannot tear). The region may end exactly at the top of the
+    /// 64-bit guest address space, but not wrap past it.
+    ///
+    /// ```
+    /// use guestmem::{GuestAddress, GuestMemoryError, GuestRegionMmap};
+    /// use guestmem::mmap::MmapRegionBuilder;
+    /// let map = || MmapRegionBuilder::<()>::new(0x1000).build().unwrap();
+    /// assert!(GuestRegionMmap::new(map(), GuestAddress(0x1_0000_0000)).is_ok());
+    /// let e = GuestRegionMmap::new(map(), GuestAddress(0x1_0000_0004)).unwrap_err();
+    /// assert!(matches!(e, GuestMemoryError::UnalignedRegion { .. }));
+    /// ```
     pub fn new(mapping: MmapRegion<B>, guest_base: GuestAddress) -> Result<Self, GuestMemoryError> {
-        let len = mapping.size() as u64;
-        if len == 0 || guest_base.0.checked_add(len - 1).is_none() {
-            return Err(GuestMemoryError::RegionOverflow { base: guest_base, len });
-        }
+        check_placement(guest_base, mapping.size() as u64)?;
         Ok(GuestRegionMmap { mapping, guest_base })
     }
 
@@ -239,9 +282,40 @@ impl<B: Bitmap> GuestRegionMmap<B> {
         self.mapping.get_slice(at, count).map_err(|e| self.error(offset, e))
     }
 
+    /// The error of an access at `offset` of the region: an offset or length past the region's
+    /// end is [`GuestMemoryError::InvalidRegionOffset`] (there is no guest address to name);
+    /// anything else names the guest address, which then lies in the region.
     fn error(&self, offset: MemoryRegionAddress, source: VolatileError) -> GuestMemoryError {
-        GuestMemoryError::from_volatile(GuestAddress(self.guest_base.0.wrapping_add(offset.0)), source)
+        match source {
+            VolatileError::OutOfBounds { len, .. } | VolatileError::Overflow { len, .. } => {
+                GuestMemoryError::InvalidRegionOffset { base: self.guest_base, offset, len, size: self.len() }
+            }
+            source => match self.guest_base.0.checked_add(offset.0) {
+                Some(addr) if offset.0 < self.len() => {
+                    GuestMemoryError::from_volatile(GuestAddress(addr), source)
+                }
+                _ => GuestMemoryError::InvalidRegionOffset {
+                    base: self.guest_base,
+                    offset,
+                    len: 0,
+                    size: self.len(),
+                },
+            },
+        }
     }
+}
+
+/// Checks that a region of `len` bytes can start at `base`: not empty, page aligned, not
+/// wrapping past the top of the guest address space.
+fn check_placement(base: GuestAddress, len: GuestUsize) -> Result<(), GuestMemoryError> {
+    if len == 0 || base.0.checked_add(len - 1).is_none() {
+        return Err(GuestMemoryError::RegionOverflow { base, len });
+    }
+    let align = crate::sys::page_size() as u64;
+    if !base.0.is_multiple_of(align) {
+        return Err(GuestMemoryError::UnalignedRegion { base, align });
+    }
+    Ok(())
 }
 
 impl<B: NewBitmap> GuestRegionMmap<B> {
@@ -257,8 +331,8 @@ impl<B: NewBitmap> GuestRegionMmap<B> {
     /// ```
     pub fn build(builder: MmapRegionBuilder<B>, guest_base: GuestAddress) -> Result<Self, GuestMemoryError> {
         let len = builder.size() as u64;
-        if len != 0 && guest_base.0.checked_add(len - 1).is_none() {
-            return Err(GuestMemoryError::RegionOverflow { base: guest_base, len });
+        if len != 0 {
+            check_placement(guest_base, len)?;
         }
         let mapping =
             builder.build().map_err(|source| GuestMemoryError::Mmap { base: guest_base, source })?;

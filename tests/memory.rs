@@ -202,7 +202,7 @@ fn insert_and_remove_regions() {
     let bigger = mem.insert_region(extra.clone()).unwrap();
     assert_eq!((mem.num_regions(), bigger.num_regions()), (1, 2));
     bigger.write_obj(3u16, GuestAddress(0x2002)).unwrap();
-    let e = bigger.insert_region(Arc::new(region(0x2800, 0x1000, Protection::READ_WRITE))).unwrap_err();
+    let e = bigger.insert_region(Arc::new(region(0x1000, 0x2000, Protection::READ_WRITE))).unwrap_err();
     assert!(matches!(e, GuestMemoryError::RegionOverlap { .. }), "{e}");
     let (smaller, removed) = bigger.remove_region(GuestAddress(0x2000)).unwrap();
     assert!(Arc::ptr_eq(&removed, &extra));
@@ -269,8 +269,29 @@ fn region_relative_bytes() {
     assert_eq!(r.write(b"abcd", MemoryRegionAddress(0xffe)).unwrap(), 2);
     assert_eq!(r.read(&mut [0; 4], MemoryRegionAddress(0xffe)).unwrap(), 2);
     let e = r.write_slice(b"abcd", MemoryRegionAddress(0xffe)).unwrap_err();
-    assert!(matches!(e, GuestMemoryError::InvalidRange { addr: GuestAddress(0x1ffe), len: 4 }), "{e}");
-    assert!(r.read_obj::<u32>(MemoryRegionAddress(u64::MAX)).is_err());
+    // Past the region's end there is no guest address to name: the error names the region.
+    assert!(
+        matches!(
+            e,
+            GuestMemoryError::InvalidRegionOffset {
+                base: GuestAddress(0x1000),
+                offset: MemoryRegionAddress(0xffe),
+                len: 4,
+                size: 0x1000
+            }
+        ),
+        "{e}"
+    );
+    let e = r.read_obj::<u32>(MemoryRegionAddress(u64::MAX)).unwrap_err();
+    assert!(
+        matches!(e, GuestMemoryError::InvalidRegionOffset { offset: MemoryRegionAddress(u64::MAX), .. }),
+        "{e}"
+    );
+    let e = r.get_host_address(MemoryRegionAddress(u64::MAX)).unwrap_err();
+    assert!(
+        matches!(e, GuestMemoryError::InvalidRegionOffset { offset: MemoryRegionAddress(u64::MAX), .. }),
+        "{e}"
+    );
     r.store(9u64, MemoryRegionAddress(8), Ordering::SeqCst).unwrap();
     assert_eq!(r.load::<u64>(MemoryRegionAddress(8), Ordering::SeqCst).unwrap(), 9);
     assert_eq!(r.read_obj::<u64>(MemoryRegionAddress(8)).unwrap(), 9);

@@ -141,31 +141,32 @@ fn memfd_sealed_and_shared_fd() {
         .build()
         .unwrap();
     let fo = r.file_offset().unwrap();
-    let seals = sys::fd::get_seals(fo.file().as_fd()).unwrap();
+    let seals = sys::fd::get_seals(fo.as_fd()).unwrap();
     assert!(seals.contains(Seals::SHRINK | Seals::GROW), "{seals:?}");
-    assert_eq!(fo.file().set_len(MIB as u64).unwrap_err().raw_os_error(), Some(libc::EPERM));
+    assert_eq!(fo.seals().unwrap(), seals);
+    // Even a duplicate of the descriptor cannot shrink it.
+    let dup = std::fs::File::from(fo.as_fd().try_clone_to_owned().unwrap());
+    assert_eq!(dup.set_len(MIB as u64).unwrap_err().raw_os_error(), Some(libc::EPERM));
     let area = host::query(r.as_ptr()).unwrap();
     assert!(area.shared);
     assert!(area.path.unwrap().to_string_lossy().starts_with("/memfd:guestmem-test"));
     // Another mapping of the same memfd sees our writes: the fd works for vhost-user.
     r.as_volatile_slice().write_obj(0x5566u16, 100).unwrap();
-    let peer = builder(MIB)
-        .backing(Backing::File { file: FileOffset::from_arc(fo.arc().clone(), 0), shared: true })
-        .build()
-        .unwrap();
+    let peer = builder(MIB).backing(Backing::File { file: fo.with_start(0), shared: true }).build().unwrap();
     assert_eq!(peer.as_volatile_slice().read_obj::<u16>(100).unwrap(), 0x5566);
-    assert!(r.fds_overlap(&peer).unwrap());
+    assert!(r.fds_overlap(&peer));
     let far = builder(MIB)
-        .backing(Backing::File { file: FileOffset::from_arc(fo.arc().clone(), MIB as u64), shared: true })
+        .backing(Backing::File { file: fo.with_start(MIB as u64), shared: true })
         .build()
         .unwrap();
-    assert!(!peer.fds_overlap(&far).unwrap());
-    assert!(r.fds_overlap(&far).unwrap());
-    let other = builder(MIB).backing(Backing::Memfd(MemfdOptions::new("other"))).build().unwrap();
-    assert!(!r.fds_overlap(&other).unwrap());
-    assert!(!r.fds_overlap(&builder(MIB).build().unwrap()).unwrap());
-    // Unsealed memfds can change size.
-    assert!(sys::fd::get_seals(other.file_offset().unwrap().file().as_fd()).unwrap().contains(Seals::SEAL));
+    assert!(!peer.fds_overlap(&far));
+    assert!(r.fds_overlap(&far));
+    let other =
+        builder(MIB).backing(Backing::Memfd(MemfdOptions::new("other").sealed(false))).build().unwrap();
+    assert!(!r.fds_overlap(&other));
+    assert!(!r.fds_overlap(&builder(MIB).build().unwrap()));
+    // An unsealed memfd (the explicit opt-out) cannot be sealed later either: F_SEAL_SEAL.
+    assert!(sys::fd::get_seals(other.file_offset().unwrap().as_fd()).unwrap().contains(Seals::SEAL));
     // Discard punches a hole in the memfd.
     r.as_volatile_slice().fill(9).unwrap();
     r.discard(0, MIB).unwrap();
@@ -423,13 +424,14 @@ fn validation_errors_name_their_numbers() {
     let e = builder(MIB).numa(NumaPolicy { mode: MemPolicy::Bind, nodes: vec![1000] }).build().unwrap_err();
     assert!(matches!(e, MmapError::OptionRefused { option: "numa", .. }), "{e}");
 
-    // Devices skip the length check (fstat cannot size them): /dev/zero maps at any length.
+    // A character device that publishes no size (here /dev/zero) cannot be checked, so it is
+    // refused rather than mapped at any length.
     let zero = std::fs::OpenOptions::new().read(true).write(true).open("/dev/zero").unwrap();
-    let r = builder(MIB)
+    let e = builder(MIB)
         .backing(Backing::File { file: FileOffset::new(zero, 0), shared: false })
         .build()
-        .unwrap();
-    assert_eq!(r.as_volatile_slice().read_obj::<u64>(0).unwrap(), 0);
+        .unwrap_err();
+    assert!(matches!(e, MmapError::UnsizedFile { kind: sys::fd::FileKind::CharDevice }), "{e}");
 }
 
 #[test]
@@ -448,12 +450,17 @@ fn range_checks_of_discard_and_residency() {
     assert!(matches!(r.resident_pages(page, 4 * page), Err(MmapError::OutOfRange { .. })));
     assert_eq!(r.resident_pages(10, 10).unwrap(), 0);
 
-    // A shared mapping of a device that cannot punch holes or remove pages reports Discard.
-    let zero = std::fs::OpenOptions::new().read(true).write(true).open("/dev/zero").unwrap();
-    let shared_zero =
-        builder(4 * page).backing(Backing::File { file: FileOffset::new(zero, 0), shared: true }).build();
-    let shared_zero = shared_zero.unwrap();
-    let e = shared_zero.discard(0, page).unwrap_err();
+    // A memfd sealed against writes after it was mapped: the kernel refuses the hole punch,
+    // and discard reports it.
+    let fd = sys::memfd_create(c"sealed-later", sys::MemfdFlags::CLOEXEC | sys::MemfdFlags::ALLOW_SEALING)
+        .unwrap();
+    sys::fd::ftruncate(fd.as_fd(), 4 * page as u64).unwrap();
+    let sealed = builder(4 * page)
+        .backing(Backing::File { file: FileOffset::new(fd.into(), 0), shared: true })
+        .build()
+        .unwrap();
+    sys::fd::add_seals(sealed.file_offset().unwrap().as_fd(), Seals::FUTURE_WRITE).unwrap();
+    let e = sealed.discard(0, page).unwrap_err();
     assert!(matches!(e, MmapError::Discard { offset: 0, .. }), "{e}");
 }
 
@@ -483,10 +490,11 @@ fn anonymous_hugetlb_2m() {
     assert_eq!(g.as_ptr() as usize % (2 * MIB), 0);
     assert_eq!(host::query(g.as_ptr().wrapping_sub(4096)).unwrap().protection, Protection::NONE);
     g.as_volatile_slice().write_obj(1u64, 2 * MIB - 8).unwrap();
-    // Discard of private hugetlb memory.
-    r.discard(0, 2 * MIB).unwrap();
-    assert_eq!(r.as_volatile_slice().read_obj::<u8>(0).unwrap(), 0);
-    assert_eq!(r.as_volatile_slice().read_obj::<u8>(2 * MIB).unwrap(), 3);
+    // Discard of hugetlb memory is refused (it would give up the pool reservation); the memory
+    // is untouched.
+    let e = r.discard(0, 2 * MIB).unwrap_err();
+    assert!(matches!(e, MmapError::InvalidOption { option: "discard", .. }), "{e}");
+    assert_eq!(r.as_volatile_slice().read_obj::<u8>(0).unwrap(), 3);
     assert!(matches!(r.discard(0, 4096), Err(MmapError::Unaligned { what: "length", .. })));
 }
 
@@ -521,7 +529,7 @@ fn memfd_hugetlb() {
         .unwrap();
     assert!(r.is_hugetlbfs());
     assert_eq!(r.page_size(), 2 * MIB);
-    let fd = r.file_offset().unwrap().file().as_fd();
+    let fd = r.file_offset().unwrap().as_fd();
     assert!(sys::fstatfs(fd).unwrap().is_hugetlbfs());
     assert!(sys::fd::get_seals(fd).unwrap().contains(Seals::SHRINK | Seals::GROW));
     r.as_volatile_slice().fill(7).unwrap();
@@ -529,9 +537,9 @@ fn memfd_hugetlb() {
     let s = smaps(r.as_ptr()).unwrap();
     assert_eq!((s.shared_hugetlb_kb + s.private_hugetlb_kb) as usize, 4 * MIB / 1024);
     assert!(s.has_flag("sh") && s.has_flag("ht"), "{:?}", s.vm_flags);
-    r.discard(2 * MIB, 2 * MIB).unwrap();
-    assert_eq!(r.as_volatile_slice().read_obj::<u8>(2 * MIB).unwrap(), 0);
-    assert_eq!(r.as_volatile_slice().read_obj::<u8>(0).unwrap(), 7);
+    let e = r.discard(2 * MIB, 2 * MIB).unwrap_err();
+    assert!(matches!(e, MmapError::InvalidOption { option: "discard", .. }), "{e}");
+    assert_eq!(r.as_volatile_slice().read_obj::<u8>(2 * MIB).unwrap(), 7);
     let e =
         builder(MIB).backing(Backing::Memfd(MemfdOptions::new("h"))).huge_pages(HugePageSize::Size2M).build();
     assert!(matches!(e.unwrap_err(), MmapError::Unaligned { what: "size", .. }));
@@ -553,8 +561,8 @@ fn hugetlbfs_file_is_detected() {
     assert_eq!(r.page_size(), 2 * MIB);
     r.as_volatile_slice().fill(5).unwrap();
     assert_eq!(smaps(r.as_ptr()).unwrap().kernel_page_size_kb, 2048);
-    r.discard(0, 2 * MIB).unwrap();
-    assert_eq!(r.as_volatile_slice().read_obj::<u8>(0).unwrap(), 0);
+    assert!(matches!(r.discard(0, 2 * MIB), Err(MmapError::InvalidOption { option: "discard", .. })));
+    assert_eq!(r.as_volatile_slice().read_obj::<u8>(0).unwrap(), 5);
     // Offsets and sizes must be whole huge pages of that filesystem.
     let bad = FileOffset::new(hf.file.try_clone().unwrap(), 4096);
     let e = builder(2 * MIB).backing(Backing::File { file: bad, shared: true }).build().unwrap_err();

@@ -68,14 +68,12 @@ impl AtomicBitmap {
     /// ```
     pub fn new(byte_len: usize, page_size: usize) -> Result<Self, BitmapError> {
         let (num_pages, num_words, page_shift) = geometry(byte_len, page_size)?;
-        let mut words = Vec::new();
-        words.try_reserve_exact(num_words).map_err(|source| BitmapError::OutOfMemory {
+        let words = zeroed_words(num_words).ok_or(BitmapError::OutOfMemory {
             byte_len,
             page_size,
-            source,
+            words_bytes: num_words.saturating_mul(8),
         })?;
-        words.resize_with(num_words, || AtomicU64::new(0));
-        Ok(AtomicBitmap { words: words.into_boxed_slice(), byte_len, num_pages, page_shift })
+        Ok(AtomicBitmap { words, byte_len, num_pages, page_shift })
     }
 
     /// The page size in bytes: the granularity of marks.
@@ -465,6 +463,24 @@ fn take_word(word: &AtomicU64) -> u64 {
     }
 }
 
+/// `count` zeroed words, allocated with `alloc_zeroed` (which, for large sizes, hands out fresh
+/// zero pages without touching them), or `None` if the allocator refuses.
+fn zeroed_words(count: usize) -> Option<Box<[AtomicU64]>> {
+    if count == 0 {
+        return Some(Box::new([]));
+    }
+    let layout = std::alloc::Layout::array::<AtomicU64>(count).ok()?;
+    // SAFETY: the layout has a non-zero size (count > 0, and an AtomicU64 is 8 bytes).
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU64>();
+    if ptr.is_null() {
+        return None;
+    }
+    // SAFETY: `ptr` is a live allocation of the global allocator with the layout of `count`
+    // `AtomicU64`s, which is the layout a `Box<[AtomicU64]>` of that length frees with; all its
+    // bytes are zero, and a zero `AtomicU64` is a valid one.
+    Some(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, count)) })
+}
+
 /// (pages, words, page shift) for `byte_len` bytes in pages of `page_size` bytes.
 fn geometry(byte_len: usize, page_size: usize) -> Result<(usize, usize, u32), BitmapError> {
     if !page_size.is_power_of_two() {
@@ -509,12 +525,22 @@ impl NewBitmap for AtomicBitmap {
     /// bytes.
     ///
     /// Like any `Vec`, it aborts if memory runs out (at most `len / 32768` bytes); use
-    /// [`AtomicBitmap::new`] for an error instead.
+    /// [`try_with_len`](NewBitmap::try_with_len) or [`AtomicBitmap::new`] for an error instead.
     fn with_len(len: usize) -> Self {
-        let page_size = Self::DEFAULT_PAGE_SIZE;
-        let num_pages = len.div_ceil(page_size);
-        let words = (0..num_pages.div_ceil(WORD_BITS)).map(|_| AtomicU64::new(0)).collect();
-        AtomicBitmap { words, byte_len: len, num_pages, page_shift: page_size.trailing_zeros() }
+        match Self::new(len, Self::DEFAULT_PAGE_SIZE) {
+            Ok(bitmap) => bitmap,
+            Err(_) => {
+                let words = len.div_ceil(Self::DEFAULT_PAGE_SIZE).div_ceil(WORD_BITS);
+                // `new` fails only on allocation with a valid page size: the size it asked for.
+                std::alloc::handle_alloc_error(
+                    std::alloc::Layout::array::<AtomicU64>(words).unwrap_or(std::alloc::Layout::new::<u64>()),
+                )
+            }
+        }
+    }
+
+    fn try_with_len(len: usize) -> Result<Self, BitmapError> {
+        Self::new(len, Self::DEFAULT_PAGE_SIZE)
     }
 }
 

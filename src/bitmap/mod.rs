@@ -82,8 +82,17 @@ pub trait Bitmap: Debug {
 
 /// A bitmap that can be created for a region of a given size.
 pub trait NewBitmap: Bitmap + Sized {
-    /// A clean bitmap covering `len` bytes.
+    /// A clean bitmap covering `len` bytes. Aborts, like any `Vec`, if its memory cannot be
+    /// allocated: code that sizes a bitmap from a length it does not control (a file, a peer)
+    /// calls [`try_with_len`](Self::try_with_len) instead, as the region builder does.
     fn with_len(len: usize) -> Self;
+
+    /// A clean bitmap covering `len` bytes, or [`BitmapError::OutOfMemory`] if its memory
+    /// cannot be allocated. The default calls [`with_len`](Self::with_len), for bitmaps that
+    /// allocate nothing.
+    fn try_with_len(len: usize) -> Result<Self, BitmapError> {
+        Ok(Self::with_len(len))
+    }
 
     /// The bitmap of a region built with dirty tracking off
     /// ([`MmapRegionBuilder::dirty_tracking`](crate::mmap::MmapRegionBuilder::dirty_tracking)).
@@ -135,16 +144,16 @@ pub enum BitmapError {
         /// The page size asked for.
         page_size: usize,
     },
-    /// The bitmap's words could not be allocated.
-    #[error("no memory for the dirty bitmap of {byte_len} bytes in pages of {page_size} bytes")]
+    /// The bitmap's words could not be allocated (the allocator refused `words_bytes`, or
+    /// the size does not fit in an allocation at all).
+    #[error("no memory for the dirty bitmap of {byte_len} bytes in pages of {page_size} bytes ({words_bytes} bytes of words)")]
     OutOfMemory {
         /// Bytes the bitmap had to cover.
         byte_len: usize,
         /// Its page size.
         page_size: usize,
-        /// Why the allocation failed.
-        #[source]
-        source: std::collections::TryReserveError,
+        /// Bytes of words it needed (saturated at `usize::MAX`).
+        words_bytes: usize,
     },
     /// A buffer for taken words shorter than the bitmap.
     #[error("buffer of {len} words is shorter than the bitmap's {num_words} words")]
@@ -288,6 +297,10 @@ impl<B: NewBitmap> NewBitmap for Option<B> {
     /// [`dirty_tracking(false)`](crate::mmap::MmapRegionBuilder::dirty_tracking), which gives `None`.
     fn with_len(len: usize) -> Self {
         Some(B::with_len(len))
+    }
+
+    fn try_with_len(len: usize) -> Result<Self, BitmapError> {
+        B::try_with_len(len).map(Some)
     }
 
     fn untracked(_len: usize) -> Self {

@@ -216,4 +216,59 @@ mod tests {
         let e = HostError::MissingField { field: "Rss", addr: 0x3000 };
         assert_eq!(e.to_string(), "smaps record of the area at 0x3000 has no Rss field");
     }
+
+    /// Every variant of `HostError` from a real call (an exhaustive match names them).
+    #[test]
+    fn every_host_error_variant() {
+        let name = |e: &HostError| match e {
+            HostError::Unmapped { .. } => "Unmapped",
+            HostError::ZeroLength { .. } => "ZeroLength",
+            HostError::Overflow { .. } => "Overflow",
+            HostError::Unaligned { .. } => "Unaligned",
+            HostError::Parse { .. } => "Parse",
+            HostError::MissingField { .. } => "MissingField",
+            HostError::Read { .. } => "Read",
+            HostError::Os { .. } => "Os",
+        };
+        let page = super::page_size();
+        let region = crate::mmap::MmapRegionBuilder::<()>::new(page).build().unwrap();
+        // A read-only shared memfd mapping refuses write access: mprotect fails with EACCES.
+        let ro_shared = crate::mmap::MmapRegionBuilder::<()>::new(page)
+            .backing(crate::mmap::Backing::File {
+                file: crate::mmap::FileOffset::new(readonly_memfd(page), 0),
+                shared: true,
+            })
+            .protection(crate::sys::Protection::READ)
+            .build()
+            .unwrap();
+        let produced = [
+            super::query(std::ptr::null()).unwrap_err(),
+            super::query_range(region.as_ptr(), 0).unwrap_err(),
+            super::query_range(region.as_ptr(), usize::MAX).unwrap_err(),
+            // SAFETY: the call fails on the unaligned address before changing anything.
+            unsafe {
+                super::ProtectGuard::new(region.as_ptr().wrapping_add(1), page, crate::sys::Protection::READ)
+            }
+            .unwrap_err(),
+            super::parse_maps_line("not a maps line").unwrap_err(),
+            // The maps file has no smaps fields: every smaps record field is missing.
+            super::smaps::smaps_at(std::path::Path::new(super::maps::MAPS_PATH), region.as_ptr() as usize)
+                .unwrap_err(),
+            super::maps::area_at(std::path::Path::new("/nonexistent/maps"), 0).unwrap_err(),
+            // SAFETY: the mapping is ours; the call fails (EACCES) and changes nothing.
+            unsafe { super::ProtectGuard::new(ro_shared.as_ptr(), page, crate::sys::Protection::READ_WRITE) }
+                .unwrap_err(),
+        ];
+        let produced: std::collections::BTreeSet<_> = produced.iter().map(name).collect();
+        let all = ["Unmapped", "ZeroLength", "Overflow", "Unaligned", "Parse", "MissingField", "Read", "Os"];
+        assert_eq!(produced, all.into_iter().collect());
+    }
+
+    /// A memfd opened read-only through /proc, so a shared mapping of it cannot become writable.
+    fn readonly_memfd(len: usize) -> std::fs::File {
+        let fd = crate::sys::memfd_create(c"ro", crate::sys::MemfdFlags::CLOEXEC).unwrap();
+        crate::sys::fd::ftruncate(std::os::fd::AsFd::as_fd(&fd), len as u64).unwrap();
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        std::fs::File::open(path).unwrap()
+    }
 }

@@ -34,7 +34,7 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
 
-use crate::bitmap::{Bitmap, NewBitmap};
+use crate::bitmap::{Bitmap, BitmapError, NewBitmap};
 use crate::sys::{
     self, Advice, FallocateMode, MapFlags, MbindFlags, MemfdFlags, Mlock2Flags, Protection, Seals,
 };
@@ -80,6 +80,13 @@ pub enum MmapError {
         offset: u64,
         /// The size of the mapping.
         size: usize,
+    },
+    /// A file whose size cannot be known (a character device that publishes none, a pipe, a
+    /// socket, a directory): a mapping of it could run past its end, so it is refused.
+    #[error("a {kind:?} has no size a mapping can be checked against")]
+    UnsizedFile {
+        /// What the file is.
+        kind: sys::fd::FileKind,
     },
     /// Options that cannot go together, or an option the backing cannot honour.
     #[error("option {option}: {reason}")]
@@ -154,6 +161,9 @@ pub enum MmapError {
         /// Length of the range.
         len: usize,
     },
+    /// The region's dirty bitmap could not be allocated.
+    #[error("dirty bitmap: {0}")]
+    Bitmap(#[source] BitmapError),
     /// The kernel refused to discard.
     #[error("discard of {len:#x} bytes at offset {offset:#x} failed: {source}")]
     Discard {
@@ -208,6 +218,21 @@ pub struct MmapRegion<B = ()> {
     hugetlbfs: bool,
     kind: Kind,
     ownership: Ownership,
+    /// The policies of the builder, applied again to a range that `discard` maps anew.
+    policies: Policies,
+    /// The (device, inode) of the file behind the mapping, from `fstat` at build time.
+    file_id: Option<(u64, u64)>,
+}
+
+/// The per-range policies a region was built with.
+#[derive(Clone, Debug, Default)]
+struct Policies {
+    numa: Option<NumaPolicy>,
+    thp: bool,
+    dont_dump: bool,
+    dont_fork: bool,
+    mergeable: bool,
+    lock: Lock,
 }
 
 // SAFETY: the region owns its mapping (or, for build_raw, the caller promised it is valid for
@@ -267,16 +292,27 @@ impl<B> MmapRegion<B> {
     }
 
     /// Whether both regions map overlapping parts of the same file (compared by device and
-    /// inode, not by fd number).
-    pub fn fds_overlap<T>(&self, other: &MmapRegion<T>) -> Result<bool, MmapError> {
-        let (Some(a), Some(b)) = (&self.file_offset, &other.file_offset) else { return Ok(false) };
-        let sa = sys::fstat(a.file().as_fd()).map_err(|source| MmapError::Os { op: "fstat", source })?;
-        let sb = sys::fstat(b.file().as_fd()).map_err(|source| MmapError::Os { op: "fstat", source })?;
-        if !sa.same_inode(&sb) {
-            return Ok(false);
+    /// inode as `fstat` gave them when the regions were built, not by fd number).
+    ///
+    /// ```
+    /// use guestmem::mmap::{Backing, MemfdOptions, MmapRegionBuilder};
+    /// let a = MmapRegionBuilder::<()>::new(2 << 20).backing(Backing::Memfd(MemfdOptions::new("a"))).build().unwrap();
+    /// let file = a.file_offset().unwrap().with_start(1 << 20);
+    /// let b = MmapRegionBuilder::<()>::new(1 << 20).backing(Backing::File { file, shared: true }).build().unwrap();
+    /// assert!(a.fds_overlap(&b));
+    /// ```
+    pub fn fds_overlap<T>(&self, other: &MmapRegion<T>) -> bool {
+        let (Some(a), Some(b)) = (&self.file_offset, &other.file_offset) else { return false };
+        if self.file_id.is_none() || self.file_id != other.file_id {
+            return false;
         }
         let (a0, b0) = (a.start() as u128, b.start() as u128);
-        Ok(a0 < b0 + other.size as u128 && b0 < a0 + self.size as u128)
+        a0 < b0 + other.size as u128 && b0 < a0 + self.size as u128
+    }
+
+    /// The (device, inode) of the file behind the region, if any.
+    pub(crate) fn file_id(&self) -> Option<(u64, u64)> {
+        self.file_id
     }
 
     /// Checks that `[offset, offset + len)` is a non-empty range inside the region, aligned to
@@ -308,12 +344,21 @@ impl<B> MmapRegion<B> {
         })?;
         let page = sys::page_size();
         let start = offset - offset % page;
-        let len = len + (offset - start);
-        let mut vec = vec![0u8; len.div_ceil(page)];
-        // SAFETY: `start` is inside the region (offset <= size), so the pointer stays in it.
-        let addr = unsafe { self.addr.add(start) };
-        sys::mincore(addr, len, &mut vec).map_err(|source| MmapError::Os { op: "mincore", source })?;
-        Ok(vec.iter().filter(|&&b| b & 1 != 0).count())
+        let end = offset + len;
+        // A fixed vector, one mincore call per 64 Ki pages: nothing sized from `len`.
+        let mut vec = [0u8; 64 << 10];
+        let mut resident = 0;
+        let mut at = start;
+        while at < end {
+            let n = (end - at).min(vec.len() * page);
+            // SAFETY: `at` is inside the region (start <= at < end <= size), so the pointer
+            // stays in it.
+            let addr = unsafe { self.addr.add(at) };
+            sys::mincore(addr, n, &mut vec).map_err(|source| MmapError::Os { op: "mincore", source })?;
+            resident += vec[..n.div_ceil(page)].iter().filter(|&&b| b & 1 != 0).count();
+            at += n;
+        }
+        Ok(resident)
     }
 }
 
@@ -324,17 +369,41 @@ impl<B: Bitmap> MmapRegion<B> {
     ///
     /// - private anonymous: `MADV_DONTNEED`;
     /// - shared anonymous: `MADV_REMOVE`;
-    /// - memfd, shared file, hugetlbfs: `fallocate(PUNCH_HOLE | KEEP_SIZE)` on the file
-    ///   (`MADV_REMOVE` if the filesystem cannot punch holes);
+    /// - memfd, shared file: `fallocate(PUNCH_HOLE | KEEP_SIZE)` on the file (`MADV_REMOVE` if
+    ///   the filesystem cannot punch holes);
     /// - private file (a restored snapshot): anonymous memory mapped over the range, because
-    ///   `MADV_DONTNEED` would bring the file's bytes back.
+    ///   `MADV_DONTNEED` would bring the file's bytes back; the region's policies (NUMA
+    ///   placement, transparent huge pages, `dont_dump`, `dont_fork`, lock) are applied to the
+    ///   new range again. Should the kernel refuse the new mapping, the file is mapped back
+    ///   over the range before the error returns, so no hole is ever left behind.
+    ///
+    /// Refused:
+    /// - hugetlb memory ([`MmapError::InvalidOption`]): freeing a huge page gives its
+    ///   reservation back to the pool, and a later touch when the pool is empty would raise
+    ///   SIGBUS instead of failing;
+    /// - read-only regions ([`MmapError::ReadOnly`]).
     ///
     /// The range is marked dirty: its contents changed (to zeros), which a migration must send.
-    /// Read-only regions are refused.
+    ///
+    /// ```
+    /// use guestmem::mmap::MmapRegionBuilder;
+    /// use guestmem::{Bytes, VolatileMemory};
+    /// let r = MmapRegionBuilder::<()>::new(1 << 20).build().unwrap();
+    /// r.as_volatile_slice().write_obj(7u8, 0x2000).unwrap();
+    /// r.discard(0x2000, 0x1000).unwrap();
+    /// assert_eq!(r.as_volatile_slice().read_obj::<u8>(0x2000).unwrap(), 0);
+    /// assert!(r.discard(0x2001, 0x1000).is_err());
+    /// ```
     pub fn discard(&self, offset: usize, len: usize) -> Result<(), MmapError> {
         self.check_subrange(offset, len, self.page_size)?;
         if !self.prot.is_writable() {
             return Err(MmapError::ReadOnly { offset, len });
+        }
+        if self.hugetlbfs {
+            return Err(MmapError::InvalidOption {
+                option: "discard",
+                reason: "freeing hugetlb pages gives up their pool reservation; a later touch with an empty pool raises SIGBUS",
+            });
         }
         // SAFETY: offset < size (checked), so the pointer stays in the region.
         let addr = unsafe { self.addr.add(offset) };
@@ -352,7 +421,7 @@ impl<B: Bitmap> MmapRegion<B> {
             Kind::FileShared => {
                 let punched = self.file_offset.as_ref().map(|fo| {
                     sys::fallocate(
-                        fo.file().as_fd(),
+                        fo.as_fd(),
                         FallocateMode::PUNCH_HOLE | FallocateMode::KEEP_SIZE,
                         fo.start() + offset as u64,
                         len as u64,
@@ -365,17 +434,43 @@ impl<B: Bitmap> MmapRegion<B> {
                     _ => advise(Advice::Remove)?,
                 }
             }
-            Kind::FilePrivate => {
-                let mut flags = MapFlags::PRIVATE | MapFlags::ANONYMOUS | MapFlags::FIXED;
-                flags |= hugetlb_map_flags(self.hugetlbfs, self.page_size).unwrap_or(MapFlags::NORESERVE);
-                // SAFETY: MAP_FIXED replaces a range of our own mapping (checked above) with
-                // zero-filled memory of the same protection; as with `advise`, concurrent
-                // users see it as a concurrent write of zeros.
-                unsafe { sys::mmap(addr, len, self.prot, flags, None, 0) }.map_err(fail)?;
-            }
+            Kind::FilePrivate => self.remap_anonymous(addr, offset, len).map_err(fail)?,
         }
         self.bitmap.mark_dirty(offset, len);
         Ok(())
+    }
+
+    /// Maps zero-filled anonymous memory over `[addr, addr + len)` (the range at `offset` of a
+    /// private file mapping) and applies the region's policies to it. If the kernel refuses,
+    /// maps the file back first, so the range never stays unmapped.
+    fn remap_anonymous(&self, addr: *mut u8, offset: usize, len: usize) -> io::Result<()> {
+        let flags = MapFlags::PRIVATE | MapFlags::ANONYMOUS | MapFlags::FIXED | MapFlags::NORESERVE;
+        // SAFETY: MAP_FIXED replaces a range of our own mapping (the caller checked it) with
+        // zero-filled memory of the same protection; as with `madvise`, concurrent users see it
+        // as a concurrent write of zeros.
+        if let Err(e) = unsafe { sys::mmap(addr, len, self.prot, flags, None, 0) } {
+            // Kernels before 6.12 may unmap the old range before failing: map the file back.
+            if let Some(fo) = &self.file_offset {
+                // SAFETY: as above; the range is ours, and the file mapping is what it held.
+                let _ = unsafe {
+                    sys::mmap(
+                        addr,
+                        len,
+                        self.prot,
+                        MapFlags::PRIVATE | MapFlags::FIXED,
+                        Some(fo.as_fd()),
+                        fo.start() + offset as u64,
+                    )
+                };
+            }
+            return Err(e);
+        }
+        let policy_error = |e: MmapError| match e {
+            MmapError::OptionRefused { source, .. } => source,
+            e => io::Error::other(e.to_string()),
+        };
+        self.apply_placement_and_advice(addr, len).map_err(policy_error)?;
+        self.apply_lock(addr, len).map_err(policy_error)
     }
 }
 
@@ -599,6 +694,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
 
         // The backing: its fd, page size, kind and mmap flags.
         let mut flags;
+        let mut file_id = None;
         let (file_offset, page_size, hugetlb, kind) = match &self.backing {
             Backing::Anonymous { shared } => {
                 flags = MapFlags::ANONYMOUS | if *shared { MapFlags::SHARED } else { MapFlags::PRIVATE };
@@ -640,6 +736,8 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
                     sys::fd::add_seals(fd.as_fd(), Seals::SHRINK | Seals::GROW)
                         .map_err(|source| MmapError::Os { op: "F_ADD_SEALS", source })?;
                 }
+                let st = sys::fstat(fd.as_fd()).map_err(|source| MmapError::Os { op: "fstat", source })?;
+                file_id = Some((st.dev, st.ino));
                 (Some(FileOffset::new(fd.into(), 0)), page_size, explicit_huge.is_some(), Kind::FileShared)
             }
             Backing::File { file, shared } => {
@@ -668,15 +766,17 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
                     .checked_add(self.size as u64)
                     .ok_or_else(|| MmapError::Overflow { offset: file.start(), size: self.size })?;
                 check_multiple("file offset", file.start(), page_size)?;
-                // Devices and other files whose size fstat cannot report skip this check.
-                if st.has_reliable_size() && st.size < end {
-                    return Err(MmapError::FileTooShort {
-                        file_size: st.size,
-                        offset: file.start(),
-                        size: self.size,
-                    });
+                // Regular files, block devices and sized character devices (device DAX) are
+                // checked against their size; anything else cannot be mapped safely, since a
+                // touch past its end would raise SIGBUS.
+                let file_size = sys::fd::mappable_size(fd)
+                    .map_err(|source| MmapError::Os { op: "sizing the file", source })?
+                    .ok_or(MmapError::UnsizedFile { kind: st.kind })?;
+                if file_size < end {
+                    return Err(MmapError::FileTooShort { file_size, offset: file.start(), size: self.size });
                 }
                 let kind = if *shared { Kind::FileShared } else { Kind::FilePrivate };
+                file_id = Some((st.dev, st.ino));
                 (Some(file.clone()), page_size, fs.is_hugetlbfs(), kind)
             }
         };
@@ -700,6 +800,11 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             });
         }
 
+        // Fallibly (a size from a file or a peer must not abort the process), and before
+        // anything is mapped or claimed; large bitmaps use no memory until marked.
+        let bitmap =
+            if self.dirty_tracking { B::try_with_len(self.size) } else { Ok(B::untracked(self.size)) }
+                .map_err(MmapError::Bitmap)?;
         // Where it goes: the kernel's choice, our own aligned reservation with guard pages, or
         // a caller's reservation.
         let guard = self
@@ -723,8 +828,10 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             res.claim(start, with_guards)?;
             (Some(addr as *mut u8), Ownership::InReservation { reservation: res.clone(), offset: start })
         } else if guard > 0 || align > page_size {
-            let (start, len) =
-                reservation::reserve_aligned(with_guards + align.saturating_sub(base_page), base_page)?;
+            let total = with_guards
+                .checked_add(align - base_page.min(align))
+                .ok_or(MmapError::Overflow { offset: align as u64, size: self.size })?;
+            let (start, len) = reservation::reserve_aligned(total, base_page)?;
             // The data must be `align`-aligned with at least `guard` bytes before it.
             let data = (start as usize + guard).next_multiple_of(align);
             (Some(data as *mut u8), Ownership::Owned { start, len })
@@ -735,7 +842,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
         let mut region = MmapRegion {
             addr: fixed_at.unwrap_or(std::ptr::null_mut()),
             size: self.size,
-            bitmap: if self.dirty_tracking { B::with_len(self.size) } else { B::untracked(self.size) },
+            bitmap,
             file_offset,
             prot: self.prot,
             flags,
@@ -743,6 +850,15 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             hugetlbfs: hugetlb,
             kind,
             ownership,
+            policies: Policies {
+                numa: self.numa.clone(),
+                thp: self.huge_pages == Some(HugePageSize::Transparent),
+                dont_dump: self.dont_dump,
+                dont_fork: self.dont_fork,
+                mergeable: self.mergeable,
+                lock: self.lock,
+            },
+            file_id,
         };
         let fd: Option<BorrowedFd<'_>> = region.file_offset.as_ref().map(|f| f.file().as_fd());
         let file_start = region.file_offset.as_ref().map_or(0, FileOffset::start);
@@ -766,7 +882,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
         if fixed_at.is_none() {
             region.ownership = Ownership::Owned { start: addr, len: self.size };
         }
-        region.apply_policies(&self)?;
+        region.apply_policies(self.populate)?;
         Ok(region)
     }
 
@@ -796,7 +912,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
         Ok(MmapRegion {
             addr,
             size,
-            bitmap: B::with_len(size),
+            bitmap: B::try_with_len(size).map_err(MmapError::Bitmap)?,
             file_offset: None,
             prot,
             flags,
@@ -804,6 +920,8 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             hugetlbfs: flags.contains(MapFlags::HUGETLB),
             kind: Kind::Unknown,
             ownership: Ownership::Borrowed,
+            policies: Policies::default(),
+            file_id: None,
         })
     }
 }
@@ -819,41 +937,53 @@ fn check_multiple(what: &'static str, value: u64, page_size: usize) -> Result<()
 impl<B> MmapRegion<B> {
     /// Applies the builder's policies to the freshly mapped region, in the order the kernel
     /// needs: placement before any fault, advice, then prefault, then lock.
-    fn apply_policies<T>(&self, b: &MmapRegionBuilder<T>) -> Result<(), MmapError> {
-        let refused = |option: &'static str| move |source| MmapError::OptionRefused { option, source };
-        if let Some(numa) = &b.numa {
-            sys::mbind(self.addr, self.size, numa.mode, &numa.nodes, MbindFlags::empty())
-                .map_err(refused("numa"))?;
-        }
-        let advise = |yes: bool, advice: Advice, option: &'static str| -> Result<(), MmapError> {
-            if yes {
-                // SAFETY: non-destructive advice on our own new mapping.
-                unsafe { sys::madvise(self.addr, self.size, advice) }.map_err(refused(option))?;
-            }
-            Ok(())
-        };
-        advise(b.huge_pages == Some(HugePageSize::Transparent), Advice::HugePage, "huge_pages")?;
-        advise(b.dont_dump, Advice::DontDump, "dont_dump")?;
-        advise(b.dont_fork, Advice::DontFork, "dont_fork")?;
-        advise(b.mergeable, Advice::Mergeable, "mergeable")?;
+    fn apply_policies(&self, populate: Populate) -> Result<(), MmapError> {
+        self.apply_placement_and_advice(self.addr, self.size)?;
         let populate_advice = if self.prot.is_writable() && self.kind != Kind::FilePrivate {
             Advice::PopulateWrite
         } else {
             Advice::PopulateRead
         };
-        match b.populate {
+        match populate {
             Populate::No => {}
-            Populate::Now => advise(true, populate_advice, "populate")?,
+            // SAFETY: non-destructive advice on our own new mapping.
+            Populate::Now => unsafe { sys::madvise(self.addr, self.size, populate_advice) }
+                .map_err(|source| MmapError::OptionRefused { option: "populate", source })?,
             Populate::Parallel(threads) => self.populate_parallel(threads.get(), populate_advice)?,
         }
-        match b.lock {
-            Lock::No => {}
-            Lock::Now => sys::mlock(self.addr, self.size).map_err(refused("lock"))?,
-            Lock::OnFault => {
-                sys::mlock2(self.addr, self.size, Mlock2Flags::ONFAULT).map_err(refused("lock"))?
+        self.apply_lock(self.addr, self.size)
+    }
+
+    /// The NUMA placement and the advice of the region's policies, on `[addr, addr + len)`
+    /// (all of a new mapping, or a range mapped anew by `discard`).
+    fn apply_placement_and_advice(&self, addr: *mut u8, len: usize) -> Result<(), MmapError> {
+        let p = &self.policies;
+        let refused = |option: &'static str| move |source| MmapError::OptionRefused { option, source };
+        if let Some(numa) = &p.numa {
+            sys::mbind(addr, len, numa.mode, &numa.nodes, MbindFlags::empty()).map_err(refused("numa"))?;
+        }
+        for (yes, advice, option) in [
+            (p.thp, Advice::HugePage, "huge_pages"),
+            (p.dont_dump, Advice::DontDump, "dont_dump"),
+            (p.dont_fork, Advice::DontFork, "dont_fork"),
+            (p.mergeable, Advice::Mergeable, "mergeable"),
+        ] {
+            if yes {
+                // SAFETY: non-destructive advice on a range of our own mapping.
+                unsafe { sys::madvise(addr, len, advice) }.map_err(refused(option))?;
             }
         }
         Ok(())
+    }
+
+    /// The lock policy on `[addr, addr + len)`.
+    fn apply_lock(&self, addr: *mut u8, len: usize) -> Result<(), MmapError> {
+        let refused = |source| MmapError::OptionRefused { option: "lock", source };
+        match self.policies.lock {
+            Lock::No => Ok(()),
+            Lock::Now => sys::mlock(addr, len).map_err(refused),
+            Lock::OnFault => sys::mlock2(addr, len, Mlock2Flags::ONFAULT).map_err(refused),
+        }
     }
 
     /// Prefaults the region on `threads` threads, each taking a page-aligned chunk.

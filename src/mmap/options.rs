@@ -4,17 +4,29 @@
 use std::ffi::CString;
 use std::fs::File;
 use std::num::NonZeroUsize;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 
-use crate::sys::MemPolicy;
+use crate::sys::{MemPolicy, Seals};
 
 /// A file and the offset in it where a mapping starts.
 ///
+/// A region keeps its `FileOffset` for as long as it maps the file. It hands out the file's
+/// descriptor as a [`BorrowedFd`] (for `SCM_RIGHTS`, `fstat`, a vhost-user memory table), not as
+/// a `&File`: guestmem's API offers no call that could shrink a file under its own mapping.
+/// Whoever else holds a descriptor of the file can still truncate it, unless it is a memfd
+/// sealed against shrinking ([`MemfdOptions::sealed`], the default): see the crate's
+/// guarantees on what happens then.
+///
 /// ```
+/// use std::os::fd::AsFd;
 /// use guestmem::mmap::FileOffset;
 /// let f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
 /// let fo = FileOffset::new(f, 0x1000);
 /// assert_eq!(fo.start(), 0x1000);
+/// let st = guestmem::sys::fstat(fo.as_fd()).unwrap();
+/// assert_eq!(st.size, 0);
+/// assert_eq!(fo.with_start(0x2000).start(), 0x2000); // the same file, another offset
 /// ```
 #[derive(Clone, Debug)]
 pub struct FileOffset {
@@ -33,19 +45,42 @@ impl FileOffset {
         FileOffset { file, start }
     }
 
-    /// The file.
-    pub fn file(&self) -> &File {
-        &self.file
+    /// The same file from byte `start` on (sharing the open file, not duplicating it).
+    #[must_use]
+    pub fn with_start(&self, start: u64) -> Self {
+        FileOffset { file: self.file.clone(), start }
     }
 
-    /// The shared file handle.
-    pub fn arc(&self) -> &Arc<File> {
+    /// The file, for the crate's own calls (never handed out: a `&File` can `set_len`).
+    pub(crate) fn file(&self) -> &File {
         &self.file
     }
 
     /// The offset in the file.
     pub fn start(&self) -> u64 {
         self.start
+    }
+
+    /// The file's seals (`F_GET_SEALS`; empty for a file that cannot be sealed).
+    pub fn seals(&self) -> std::io::Result<Seals> {
+        match crate::sys::fd::get_seals(self.file.as_fd()) {
+            Ok(seals) => Ok(seals),
+            // Files outside tmpfs/hugetlbfs (and memfds made without sealing) have none.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(Seals::empty()),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl AsFd for FileOffset {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
+    }
+}
+
+impl AsRawFd for FileOffset {
+    fn as_raw_fd(&self) -> RawFd {
+        self.file.as_raw_fd()
     }
 }
 
@@ -57,16 +92,26 @@ pub struct MemfdOptions {
 }
 
 impl MemfdOptions {
-    /// A memfd named `name` (shown in `/proc/self/maps` as `/memfd:NAME`). A name with a NUL
-    /// byte has the NUL and what follows dropped.
+    /// A memfd named `name` (shown in `/proc/self/maps` as `/memfd:NAME`), sealed against
+    /// shrinking and growing ([`sealed`](Self::sealed)). A name with a NUL byte has the NUL and
+    /// what follows dropped.
     pub fn new(name: &str) -> Self {
         let name = name.split('\0').next().unwrap_or_default();
-        MemfdOptions { name: CString::new(name).unwrap_or_default(), seal: false }
+        MemfdOptions { name: CString::new(name).unwrap_or_default(), seal: true }
     }
 
-    /// Seal the memfd against shrinking and growing once it has its size (`F_SEAL_SHRINK |
-    /// F_SEAL_GROW`): a process it is shared with (vhost-user) can then never truncate it
-    /// under our mapping and make us SIGBUS.
+    /// Whether to seal the memfd against shrinking and growing once it has its size
+    /// (`F_SEAL_SHRINK | F_SEAL_GROW`; the default is `true`). Sealed, no holder of its
+    /// descriptor (a vhost-user backend it is shared with, code that duplicated it) can ever
+    /// truncate it under the mapping. `sealed(false)` is the explicit opt-out, for a VMM that
+    /// must resize the file itself; such a memfd can be truncated by anyone holding it.
+    ///
+    /// ```
+    /// use guestmem::mmap::{Backing, MemfdOptions, MmapRegionBuilder};
+    /// use guestmem::sys::Seals;
+    /// let r = MmapRegionBuilder::<()>::new(1 << 20).backing(Backing::Memfd(MemfdOptions::new("ram"))).build().unwrap();
+    /// assert!(r.file_offset().unwrap().seals().unwrap().contains(Seals::SHRINK | Seals::GROW));
+    /// ```
     #[must_use]
     pub fn sealed(mut self, seal: bool) -> Self {
         self.seal = seal;

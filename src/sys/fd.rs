@@ -47,6 +47,8 @@ pub struct FileStat {
     pub blocks_512: u64,
     /// Preferred I/O block size.
     pub block_size: u64,
+    /// The device number a block or character device stands for (`st_rdev`; 0 otherwise).
+    pub rdev: u64,
 }
 
 impl FileStat {
@@ -59,6 +61,15 @@ impl FileStat {
     /// Whether both describe the same inode on the same device.
     pub fn same_inode(&self, other: &FileStat) -> bool {
         self.dev == other.dev && self.ino == other.ino
+    }
+
+    /// The major and minor numbers of the device a block or character device stands for
+    /// (glibc's encoding of `st_rdev`).
+    pub fn rdev_major_minor(&self) -> (u32, u32) {
+        let d = self.rdev;
+        let major = ((d >> 8) & 0xfff) | ((d >> 32) & !0xfff);
+        let minor = (d & 0xff) | ((d >> 12) & !0xff);
+        (major as u32, minor as u32)
     }
 }
 
@@ -91,7 +102,51 @@ pub fn fstat(fd: BorrowedFd<'_>) -> io::Result<FileStat> {
         size: u64::try_from(st.st_size).unwrap_or(0),
         blocks_512: u64::try_from(st.st_blocks).unwrap_or(0),
         block_size: u64::try_from(st.st_blksize).unwrap_or(0),
+        rdev: st.st_rdev,
     })
+}
+
+/// How far a file can be mapped: `st_size` for a regular file (or memfd); for a block device
+/// its size (`ioctl(BLKGETSIZE64)`); for a character device the `size` its driver publishes in
+/// sysfs (`/sys/dev/char/MAJOR:MINOR/size`, as device DAX does). `Ok(None)` when the file's
+/// kind has no size a mapping can be checked against (a character device without one, a pipe,
+/// a socket, a directory).
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// let f = std::fs::File::open("/proc/self/exe").unwrap();
+/// assert!(guestmem::sys::fd::mappable_size(f.as_fd()).unwrap().unwrap() > 0);
+/// let null = std::fs::File::open("/dev/null").unwrap();
+/// assert_eq!(guestmem::sys::fd::mappable_size(null.as_fd()).unwrap(), None);
+/// ```
+pub fn mappable_size(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
+    let st = fstat(fd)?;
+    match st.kind {
+        FileKind::Regular => Ok(Some(st.size)),
+        FileKind::BlockDevice => {
+            // _IOR(0x12, 114, size_t)
+            const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+            let mut size: u64 = 0;
+            // SAFETY: the fd is a block device (checked above; the borrow keeps it open, so it
+            // cannot become another file in between), for which BLKGETSIZE64 writes one u64
+            // through the pointer, which is ours and live.
+            cvt(unsafe { libc::ioctl(fd.as_raw_fd(), BLKGETSIZE64 as _, &mut size as *mut u64) })?;
+            Ok(Some(size))
+        }
+        FileKind::CharDevice => {
+            let (major, minor) = st.rdev_major_minor();
+            match std::fs::read_to_string(format!("/sys/dev/char/{major}:{minor}/size")) {
+                Ok(text) => text
+                    .trim()
+                    .parse::<u64>()
+                    .map(Some)
+                    .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL)),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e),
+            }
+        }
+        _ => Ok(None),
+    }
 }
 
 /// The parts of `struct statfs` guestmem uses.
