@@ -18,9 +18,7 @@
 //!
 //! Exits non-zero if the destination differs from the source.
 
-#[allow(dead_code)]
-#[path = "../tests/common/kvm_guest.rs"]
-mod kvm_guest;
+use guestmem_kvm_guest as kvm_guest;
 
 use std::net::{TcpListener, TcpStream};
 use std::process::ExitCode;
@@ -173,10 +171,8 @@ fn dirty_log_sync<'a>(
     vm: &kvm_guest::TestVm,
     src: &Mem,
 ) -> Result<impl FnMut() -> Result<(), BoxError> + 'a, BoxError> {
-    use std::os::fd::{AsRawFd, BorrowedFd};
-    // SAFETY: the VM fd is open while `vm` lives; we only borrow it to duplicate it.
-    let vm_fd = unsafe { BorrowedFd::borrow_raw(vm.vm_fd().as_raw_fd()) }.try_clone_to_owned()?;
-    let mut slots = guestmem::kvm::KvmSlots::new(vm_fd, true);
+    // KvmSlots keeps its own duplicate of the VM descriptor.
+    let mut slots = guestmem::kvm::KvmSlots::new(vm.vm_fd(), true)?;
     slots.register(src)?;
     println!("dirty log: KvmSlots::sync_dirty_log (feature kvm)");
     Ok(move || slots.sync_dirty_log().map(drop).map_err(Into::into))

@@ -32,7 +32,7 @@ use crate::volatile::{copy, ReadVolatile, Result as VResult, VolatileError, Vola
 
 /// Reading and writing bytes and values at addresses of type `A`.
 ///
-/// Implemented by [`VolatileSlice`](crate::VolatileSlice) (`A = usize`, an offset) and, in the
+/// Implemented by [`VolatileSlice`] (`A = usize`, an offset) and, in the
 /// guest memory layer, by guest memory (`A = GuestAddress`).
 ///
 /// `read`/`write` transfer as much as fits and return the count; the `_slice`/`_obj` forms

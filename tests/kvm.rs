@@ -8,16 +8,18 @@
 mod common;
 
 use std::collections::BTreeSet;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use common::kvm_guest::{self, GuestError, TestVm};
 use guestmem::kvm::{KvmError, KvmSlots};
 use guestmem::mmap::{Backing, HugePageSize, MemfdOptions, MmapRegionBuilder};
 use guestmem::sys::Protection;
+
 use guestmem::{AtomicBitmap, Bytes, GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
 type Mem = GuestMemoryMmap<AtomicBitmap>;
-type Slots = KvmSlots<OwnedFd, AtomicBitmap>;
+type Slots = KvmSlots<AtomicBitmap>;
 
 const PAGE: u64 = 4096;
 const CODE_GPA: u64 = 0x1000;
@@ -28,10 +30,9 @@ fn vm(test: &str) -> Option<TestVm> {
     Some(TestVm::new().unwrap())
 }
 
-/// Our own handle on the VM fd, so `KvmSlots` and the harness can both use it.
-fn vm_fd(vm: &TestVm) -> OwnedFd {
-    // SAFETY: the VM fd is open while `vm` lives; we only borrow it to duplicate it.
-    unsafe { BorrowedFd::borrow_raw(vm.vm_fd().as_raw_fd()) }.try_clone_to_owned().unwrap()
+/// `KvmSlots` on the test VM (it keeps its own duplicate of the VM descriptor).
+fn slots_on(vm: &TestVm, log_dirty: bool) -> Slots {
+    Slots::new(vm.vm_fd(), log_dirty).unwrap()
 }
 
 fn harvest(mem: &Mem) -> BTreeSet<u64> {
@@ -125,7 +126,7 @@ fn dirty_log_union_on_anonymous_memory() {
     let Some(mut vm) = vm("dirty_log_union_on_anonymous_memory") else { return };
     vm.add_vcpu().unwrap();
     let mem = Mem::from_regions(vec![anon(0, 8 << 20), anon(GIB, 4 << 20)]).unwrap();
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
     slots.register(&mem).unwrap();
     assert_eq!(slots.slots().count(), 2);
     rounds(&mut vm, &mut slots, &mem, &[(0, 8 << 20), (GIB, 4 << 20)], |s| s.sync_dirty_log().unwrap());
@@ -141,7 +142,7 @@ fn dirty_log_union_on_memfd_memory() {
     )
     .unwrap();
     let mem = Mem::from_regions(vec![memfd, anon(3 * GIB, 2 << 20)]).unwrap();
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
     slots.register(&mem).unwrap();
     rounds(&mut vm, &mut slots, &mem, &[(0, 8 << 20), (3 * GIB, 2 << 20)], |s| s.sync_dirty_log().unwrap());
 }
@@ -166,7 +167,7 @@ fn dirty_log_union_on_hugetlb_memory() {
     )
     .unwrap();
     let mem = Mem::from_regions(vec![memfd, anon_huge]).unwrap();
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
     slots.register(&mem).unwrap();
     // KVM logs hugetlb memory at 4 KiB granularity once dirty logging is on.
     rounds(&mut vm, &mut slots, &mem, &[(0, 4 << 20), (GIB, 4 << 20)], |s| s.sync_dirty_log().unwrap());
@@ -175,7 +176,7 @@ fn dirty_log_union_on_hugetlb_memory() {
 #[test]
 fn dirty_log_with_manual_clear() {
     let Some(mut vm) = vm("dirty_log_with_manual_clear") else { return };
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
     slots.enable_manual_protect(false).unwrap();
     vm.add_vcpu().unwrap();
     let mem = Mem::from_regions(vec![anon(0, 8 << 20), anon(GIB, 4 << 20)]).unwrap();
@@ -187,7 +188,7 @@ fn dirty_log_with_manual_clear() {
 #[test]
 fn manual_clear_initially_set_reports_everything_once() {
     let Some(mut vm) = vm("manual_clear_initially_set_reports_everything_once") else { return };
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
     slots.enable_manual_protect(true).unwrap();
     vm.add_vcpu().unwrap();
     let mem = Mem::from_regions(vec![anon(0, 1 << 20), anon(GIB, 256 << 10)]).unwrap();
@@ -202,7 +203,7 @@ fn manual_clear_initially_set_reports_everything_once() {
 #[test]
 fn dirty_ring_union_on_two_vcpus() {
     let Some(mut vm) = vm("dirty_ring_union_on_two_vcpus") else { return };
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
     assert!(matches!(slots.enable_dirty_ring(3000), Err(KvmError::InvalidRingSize { size: 3000, .. })));
     slots.enable_dirty_ring(1 << 16).unwrap();
     assert!(matches!(slots.enable_manual_protect(true), Err(KvmError::InitiallySetWithRing)));
@@ -252,24 +253,30 @@ fn dirty_ring_union_on_two_vcpus() {
 #[test]
 fn ring_rules_are_errors() {
     let Some(vm) = vm("ring_rules_are_errors") else { return };
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
     assert!(matches!(slots.reap_dirty_rings(), Err(KvmError::RingNotEnabled)));
-    assert!(matches!(slots.add_vcpu(&vm_fd(&vm)), Err(KvmError::RingNotEnabled)));
+    assert!(matches!(slots.add_vcpu(vm.vm_fd()), Err(KvmError::RingNotEnabled)));
     slots.enable_manual_protect(true).unwrap();
     assert!(matches!(slots.enable_dirty_ring(1 << 16), Err(KvmError::InitiallySetWithRing)));
-    // A ring after a vCPU exists is refused by KVM, and said so.
+    // A ring after a vCPU exists is refused by KVM, and the error says what KVM refuses.
     let Some(mut late_vm) = self::vm("ring_rules_are_errors") else { return };
     late_vm.add_vcpu().unwrap();
-    let mut late = Slots::new(vm_fd(&late_vm), true);
+    let mut late = slots_on(&late_vm, true);
     let e = late.enable_dirty_ring(1 << 16).unwrap_err();
-    assert!(matches!(e, KvmError::RingAfterVcpu(_)), "{e}");
-    assert!(e.to_string().contains("before any vCPU"));
-    // Mapping a ring from something that is not a vCPU fails cleanly.
+    assert!(matches!(e, KvmError::RingRefused { size: 65536, .. }), "{e}");
+    assert!(e.to_string().contains("a vCPU exists already"), "{e}");
+    // A second enable is "already enabled", not "after a vCPU" (issue 9, item 19).
     let ring_vm = TestVm::new().unwrap();
-    let mut ring = Slots::new(vm_fd(&ring_vm), true);
+    let mut ring = slots_on(&ring_vm, true);
     ring.enable_dirty_ring(1 << 16).unwrap();
+    assert!(matches!(ring.enable_dirty_ring(1 << 16), Err(KvmError::RingAlreadyEnabled)));
+    // Mapping a ring from something that is not a vCPU is refused before any mapping.
     let null = std::fs::File::open("/dev/null").unwrap();
-    assert!(matches!(ring.add_vcpu(&null), Err(KvmError::RingMap(_))));
+    assert!(matches!(ring.add_vcpu(&null), Err(KvmError::NotAVcpu(_))));
+    assert!(matches!(ring.add_vcpu(ring_vm.vm_fd()), Err(KvmError::NotAVcpu(_))));
+    // Without dirty logging there is nothing for a ring to report.
+    let quiet_vm = TestVm::new().unwrap();
+    assert!(matches!(slots_on(&quiet_vm, false).enable_dirty_ring(1 << 16), Err(KvmError::NotLogging)));
     drop(vm);
 }
 
@@ -278,7 +285,7 @@ fn hotplug_and_read_only_slots() {
     let Some(mut vm) = vm("hotplug_and_read_only_slots") else { return };
     vm.add_vcpu().unwrap();
     let mem = Mem::from_regions(vec![anon(0, 4 << 20)]).unwrap();
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
     slots.register(&mem).unwrap();
     // Plug in a region: it gets a slot and the guest's writes to it are tracked.
     let plugged = mem.insert_region(std::sync::Arc::new(anon(GIB, 1 << 20))).unwrap();
@@ -309,7 +316,7 @@ fn hotplug_and_read_only_slots() {
     )
     .unwrap();
     let mem2 = Mem::from_regions(vec![anon(0, 1 << 20), rom]).unwrap();
-    let mut slots2 = Slots::new(vm_fd(&vm2), true).with_slot_range(10..20);
+    let mut slots2 = slots_on(&vm2, true).with_slot_range(10..20);
     slots2.register(&mem2).unwrap();
     assert_eq!(slots2.slots().map(|s| s.0).collect::<Vec<_>>(), vec![10, 11]);
     let r = kvm_guest::run_writes(vm2.vcpu(0).unwrap(), CODE_GPA, &[(GIB + 8, 1)], &mut |gpa, c| {
@@ -321,37 +328,244 @@ fn hotplug_and_read_only_slots() {
 
 #[test]
 fn slot_exhaustion_ioctl_and_bitmap_errors() {
-    let Some(vm) = vm("slot_exhaustion_ioctl_and_bitmap_errors") else { return };
+    let Some(mut vm) = vm("slot_exhaustion_ioctl_and_bitmap_errors") else { return };
     let mem = Mem::from_regions(vec![anon(0, 1 << 20), anon(GIB, 1 << 20)]).unwrap();
-    let mut few = Slots::new(vm_fd(&vm), true).with_slot_range(5..6);
+    let mut few = slots_on(&vm, true).with_slot_range(5..6);
     let e = few.register(&mem).unwrap_err();
     assert!(matches!(e, KvmError::NoFreeSlot(1)), "{e}");
-    // The same guest range in two slots: KVM refuses (EEXIST), and the error names the slot.
-    let mut second = Slots::new(vm_fd(&vm), true).with_slot_range(100..200);
-    let e = second.register(&mem).unwrap_err();
+    assert_eq!(few.slots().count(), 0, "nothing registered when a number is missing");
+    drop(few);
+    // A guest range the VMM registered itself: KVM refuses the overlap (EEXIST), the error
+    // names the slot.
+    vm.add_ram(200, GIB, 1 << 20, 0).unwrap();
+    let mut slots = slots_on(&vm, true).with_slot_range(0..100);
+    let e = slots.register(&mem).unwrap_err();
     assert!(matches!(e, KvmError::Ioctl { op: "KVM_SET_USER_MEMORY_REGION", slot: Some(_), .. }), "{e}");
-    // Not a VM at all: capabilities are missing.
+    // Not a VM at all.
     let null = std::fs::File::open("/dev/null").unwrap();
-    let mut nothing = KvmSlots::<_, AtomicBitmap>::new(null, true);
-    assert!(matches!(nothing.enable_dirty_ring(1 << 16), Err(KvmError::Unsupported(_))));
-    assert!(matches!(nothing.enable_manual_protect(false), Err(KvmError::Ioctl { .. })));
-    // A region with tracking off cannot take KVM's bits: the sync says so.
-    let Some(mut vm3) = self::vm("slot_exhaustion_ioctl_and_bitmap_errors") else { return };
-    vm3.add_vcpu().unwrap();
+    assert!(matches!(KvmSlots::<AtomicBitmap>::new(&null, true), Err(KvmError::NotAVm(_))));
+    // A region with tracking off cannot take KVM's bits: refused when it is registered, before
+    // any slot exists (issue 9, item 10: never a log fetched, and cleared, that cannot merge).
+    let Some(vm3) = self::vm("slot_exhaustion_ioctl_and_bitmap_errors") else { return };
     let off = GuestRegionMmap::build(
         MmapRegionBuilder::<Option<AtomicBitmap>>::new(1 << 20).dirty_tracking(false),
         GuestAddress(0),
     )
     .unwrap();
     let mem3 = GuestMemoryMmap::from_regions(vec![off]).unwrap();
-    let mut slots3 = KvmSlots::new(vm_fd(&vm3), true);
-    slots3.register(&mem3).unwrap();
-    kvm_guest::run_writes(vm3.vcpu(0).unwrap(), CODE_GPA, &[(0x8000, 1)], &mut |gpa, c| {
-        mem3.write_slice(c, GuestAddress(gpa)).map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
-    })
-    .unwrap();
-    let e = slots3.sync_dirty_log().unwrap_err();
+    let mut slots3 = KvmSlots::new(vm3.vm_fd(), true).unwrap();
+    let e = slots3.register(&mem3).unwrap_err();
     assert!(matches!(e, KvmError::Bitmap { addr: GuestAddress(0), .. }), "{e}");
+    assert_eq!(slots3.slots().count(), 0);
+    // Without logging, the same memory registers, and a sync says there is no log.
+    let mut unlogged = KvmSlots::new(TestVm::new().unwrap().vm_fd(), false).unwrap();
+    unlogged.register(&mem3).unwrap();
+    assert!(matches!(unlogged.sync_dirty_log(), Err(KvmError::NotLogging)));
+}
+
+/// Issue 9, item 1: after a region is hot-removed and the `KvmSlots` dropped while a vCPU keeps
+/// the VM alive, the region's old host address is mapped again with other data; a guest write
+/// to its old guest address must not reach that new mapping (the slot was deleted on drop).
+#[test]
+fn dropping_kvm_slots_deletes_every_slot() {
+    let Some(mut vm) = vm("dropping_kvm_slots_deletes_every_slot") else { return };
+    common::in_child("dropping_kvm_slots_deletes_every_slot", || {
+        vm.add_vcpu().unwrap();
+        // The code lives in RAM the harness registers itself, in a slot KvmSlots leaves alone.
+        vm.add_ram(100, 0, 1 << 20, 0).unwrap();
+        let target =
+            GuestRegionMmap::build(MmapRegionBuilder::<AtomicBitmap>::new(1 << 20), GuestAddress(GIB))
+                .unwrap();
+        let host = target.as_ptr();
+        let mem = Mem::from_regions(vec![target]).unwrap();
+        let mut slots = slots_on(&vm, true).with_slot_range(0..10);
+        slots.register(&mem).unwrap();
+        drop(slots);
+        drop(mem); // the region is unmapped now: nothing holds it
+                   // The host maps something else at the very same address.
+                   // SAFETY: MAP_FIXED_NOREPLACE never replaces a mapping; the address was just freed.
+        let fresh = unsafe {
+            guestmem::sys::mmap(
+                host,
+                1 << 20,
+                Protection::READ_WRITE,
+                guestmem::sys::MapFlags::PRIVATE
+                    | guestmem::sys::MapFlags::ANONYMOUS
+                    | guestmem::sys::MapFlags::FIXED_NOREPLACE,
+                None,
+                0,
+            )
+        }
+        .unwrap();
+        assert_eq!(fresh, host, "the old address was not free to reuse");
+        // SAFETY: our fresh mapping.
+        unsafe { fresh.write_bytes(0x5a, 1 << 20) };
+        let r = vm.run_writes(0, CODE_GPA, &[(GIB + 8, 0x11)]);
+        assert!(
+            matches!(r, Err(GuestError::UnexpectedExit { .. })),
+            "the guest write still had memory: {r:?}"
+        );
+        // SAFETY: our fresh mapping.
+        assert_eq!(
+            unsafe { fresh.add(8).read_volatile() },
+            0x5a,
+            "the guest wrote into unrelated host memory"
+        );
+    });
+}
+
+/// Issue 9, item 2: two `KvmSlots` on one VM (through two different descriptors of it) cannot
+/// both own its slots; and a slot changed behind our back (unsafe code calling the raw ioctl
+/// with a larger region) makes the sync fail with `SlotChanged`, not overflow a heap buffer.
+#[test]
+fn slot_ownership_is_exclusive_and_log_buffers_cannot_overflow() {
+    let Some(vm) = vm("slot_ownership_is_exclusive_and_log_buffers_cannot_overflow") else { return };
+    common::in_child("slot_ownership_is_exclusive_and_log_buffers_cannot_overflow", || {
+        let mem = Mem::from_regions(vec![anon(0, 64 << 10)]).unwrap();
+        let mut first = slots_on(&vm, true);
+        first.register(&mem).unwrap();
+        let dup = guestmem::sys::fd::dup_raw(vm.vm_fd().as_raw_fd()).unwrap();
+        assert!(matches!(Slots::new(&dup, true), Err(KvmError::VmAlreadyOwned)));
+        assert!(matches!(Slots::new(vm.vm_fd(), true), Err(KvmError::VmAlreadyOwned)));
+        // Hostile unsafe code re-registers slot 0 with 1 GiB: its log is 32 KiB, our buffer is
+        // sized for 16 pages.
+        let big = guestmem_kvm_guest::Ram::new(1 << 30).unwrap();
+        let slot = kvm_guest::MemorySlot {
+            slot: 0,
+            guest_phys_addr: 0,
+            size: 1 << 30,
+            userspace_addr: big.as_ptr() as u64,
+            flags: kvm_guest::LOG_DIRTY_PAGES,
+        };
+        // SAFETY: `big` outlives the VM's use of it: the slot is deleted below before `big`
+        // drops. KVM changes a slot's size only by deleting and creating it again.
+        unsafe {
+            kvm_guest::set_user_memory_region(vm.vm_fd(), &kvm_guest::MemorySlot { size: 0, ..slot })
+                .unwrap();
+            kvm_guest::set_user_memory_region(vm.vm_fd(), &slot).unwrap();
+        }
+        let e = first.sync_dirty_log().unwrap_err();
+        assert!(matches!(e, KvmError::SlotChanged { slot: 0 }), "{e}");
+        drop(first); // deletes slot 0, whatever it maps now
+        drop(big);
+        // With the first owner gone, another may take over.
+        let mut second = slots_on(&vm, true);
+        second.register(&mem).unwrap();
+    });
+}
+
+/// Issue 9, item 6: `add_vcpu` maps only what is a vCPU whose ring is as large as the VM's:
+/// a file, or a vCPU of a VM without a ring, is an error, never a SIGBUS when reaping; and the
+/// same vCPU twice is refused (issue 9, item 20).
+#[test]
+fn add_vcpu_maps_only_real_rings() {
+    let Some(mut vm) = vm("add_vcpu_maps_only_real_rings") else { return };
+    common::in_child("add_vcpu_maps_only_real_rings", || {
+        let mut slots = slots_on(&vm, true);
+        slots.enable_dirty_ring(1 << 16).unwrap();
+        let empty = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        assert!(matches!(slots.add_vcpu(&empty), Err(KvmError::NotAVcpu(_))));
+        let mut other = TestVm::new().unwrap();
+        let i = other.add_vcpu().unwrap();
+        let e = slots.add_vcpu(&other.vcpus()[i]).unwrap_err();
+        assert!(matches!(e, KvmError::RingMap(_)), "{e}");
+        let i = vm.add_vcpu().unwrap();
+        slots.add_vcpu(&vm.vcpus()[i]).unwrap();
+        assert!(matches!(slots.add_vcpu(&vm.vcpus()[i]), Err(KvmError::DuplicateVcpu)));
+        assert_eq!(slots.reap_dirty_rings().unwrap(), 0);
+    });
+}
+
+/// Loads code through the library (a host write, so its pages are host-dirty).
+fn loader(mem: &Mem) -> impl FnMut(u64, &[u8]) -> Result<(), GuestError> + '_ {
+    move |gpa, code| {
+        mem.write_slice(code, GuestAddress(gpa)).map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
+    }
+}
+
+/// Issue 9, items 9 and 20: with the ring on, a register that fails half-way leaves the slot
+/// list sorted (so no reaped entry is missed), and a deleted slot's number is not reused until
+/// the rings were reaped, so the old slot's queued entries never land in a new region.
+#[test]
+fn ring_bookkeeping_survives_failures_and_hotplug() {
+    let Some(mut vm) = vm("ring_bookkeeping_survives_failures_and_hotplug") else { return };
+    let mut slots = slots_on(&vm, true).with_slot_range(0..50);
+    slots.enable_dirty_ring(1 << 16).unwrap();
+    let i = vm.add_vcpu().unwrap();
+    slots.add_vcpu(&vm.vcpus()[i]).unwrap();
+    // Every region below 4 GiB, where the real-mode guest reaches.
+    const B: u64 = 0x4000_0000;
+    const C: u64 = 0x8000_0000;
+    const D: u64 = 0xC000_0000;
+    const CLASH: u64 = 0xD000_0000;
+    const E: u64 = 0xE000_0000;
+    const F: u64 = 0xF000_0000;
+    let r = |base| Arc::new(anon(base, 1 << 20));
+    // `a` holds the code and stays; the others come and go.
+    let (a, b, c, d) = (r(0), r(B), r(C), r(D));
+    let mem = Mem::from_arc_regions(vec![a.clone(), b.clone(), c.clone(), d.clone()]).unwrap();
+    slots.register(&mem).unwrap();
+    assert_eq!(slots.slots().map(|s| s.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    // The guest writes into `d` (slot 3); its entry waits in the ring.
+    kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(D + 0x5000, 1)], &mut loader(&mem)).unwrap();
+    // Remove `b` (slot 1) and add a region at a range the VMM took itself: the add fails after
+    // the delete.
+    vm.add_ram(60, CLASH, 1 << 20, 0).unwrap();
+    let clash = Mem::from_arc_regions(vec![a.clone(), c.clone(), d.clone(), r(CLASH)]).unwrap();
+    assert!(matches!(slots.register(&clash), Err(KvmError::Ioctl { .. })));
+    let ids: Vec<u32> = slots.slots().map(|s| s.0).collect();
+    assert_eq!(ids, [0, 2, 3], "the list matches KVM, in order");
+    // Remove `d` too and add `e`: `e` must not get slot 3 (nor 1) before a reap.
+    let e_region = r(E);
+    let next = Mem::from_arc_regions(vec![a.clone(), c.clone(), e_region.clone()]).unwrap();
+    slots.register(&next).unwrap();
+    let e_slot = slots.slots().find(|s| s.1 == GuestAddress(E)).unwrap().0;
+    assert!(e_slot != 3 && e_slot != 1, "slot {e_slot} reused before the ring was reaped");
+    next.take_dirty_ranges(|_, _| {}).unwrap();
+    assert!(slots.reap_dirty_rings().unwrap() >= 1);
+    assert_eq!(harvest(&next), BTreeSet::new(), "an entry of the deleted slot landed elsewhere");
+    // Guest writes into every region are reaped (the search finds every slot).
+    kvm_guest::run_writes(
+        vm.vcpu(0).unwrap(),
+        CODE_GPA,
+        &[(0x10_0000 - 0x1000, 1), (C + 0x2000, 1), (E + 0x3000, 1)],
+        &mut loader(&next),
+    )
+    .unwrap();
+    slots.reap_dirty_rings().unwrap();
+    let got = harvest(&next);
+    for page in [(0x10_0000 - 0x1000) / PAGE, (C + 0x2000) / PAGE, (E + 0x3000) / PAGE] {
+        assert!(got.contains(&page), "page {page:#x} missing from {got:?}");
+    }
+    // After the reap, freed numbers are given out again.
+    let again = Mem::from_arc_regions(vec![a, c, e_region, r(F)]).unwrap();
+    slots.register(&again).unwrap();
+    assert!(slots.slots().any(|s| s.0 == 1));
+}
+
+/// The two variants no ordinary call produces on this machine: `LogBuffer` (the kernel refuses
+/// the buffer's mapping: here an address-space limit, in a child process) and `Unsupported`
+/// (this machine's KVM has every capability guestmem asks for; older kernels lack some).
+#[test]
+fn log_buffer_allocation_failure_is_an_error() {
+    let Some(vm) = vm("log_buffer_allocation_failure_is_an_error") else { return };
+    common::in_child("log_buffer_allocation_failure_is_an_error", || {
+        let mem = Mem::from_regions(vec![anon(0, 1 << 20)]).unwrap();
+        let mut slots = slots_on(&vm, true);
+        // No new mapping may be made from here on.
+        let vm_size: u64 = std::fs::read_to_string("/proc/self/status")
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap();
+        let limit = libc::rlimit { rlim_cur: vm_size * 1024, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: setrlimit reads the struct; lowering our own limit touches no memory.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) }, 0);
+        let e = slots.register(&mem).unwrap_err();
+        assert!(matches!(e, KvmError::LogBuffer { pages: 256, .. }), "{e}");
+        assert_eq!(slots.slots().count(), 0);
+    });
 }
 
 #[test]
@@ -359,70 +573,105 @@ fn every_kvm_error_variant_is_produced() {
     let Some(mut vm) = vm("every_kvm_error_variant_is_produced") else { return };
     let name = |e: &KvmError| match e {
         KvmError::Ioctl { .. } => "Ioctl",
+        KvmError::NotAVm(_) => "NotAVm",
+        KvmError::NotAVcpu(_) => "NotAVcpu",
+        KvmError::VmAlreadyOwned => "VmAlreadyOwned",
+        KvmError::DuplicateVcpu => "DuplicateVcpu",
         KvmError::Unsupported(_) => "Unsupported",
-        KvmError::RingAfterVcpu(_) => "RingAfterVcpu",
+        KvmError::RingAlreadyEnabled => "RingAlreadyEnabled",
+        KvmError::RingRefused { .. } => "RingRefused",
         KvmError::InvalidRingSize { .. } => "InvalidRingSize",
         KvmError::InitiallySetWithRing => "InitiallySetWithRing",
         KvmError::RingEnabled => "RingEnabled",
         KvmError::RingNotEnabled => "RingNotEnabled",
+        KvmError::NotLogging => "NotLogging",
         KvmError::NoFreeSlot(_) => "NoFreeSlot",
         KvmError::Bitmap { .. } => "Bitmap",
+        KvmError::SlotChanged { .. } => "SlotChanged",
         KvmError::RingMap(_) => "RingMap",
+        KvmError::LogBuffer { .. } => "LogBuffer",
     };
     let mut produced = Vec::new();
     let null = || std::fs::File::open("/dev/null").unwrap();
-    // Not a VM: the ioctl fails, and the ring capability is missing.
-    let mut nothing = KvmSlots::<_, AtomicBitmap>::new(null(), true);
-    produced.push(nothing.enable_manual_protect(false).unwrap_err());
-    produced.push(nothing.enable_dirty_ring(1 << 16).unwrap_err());
+    produced.push(KvmSlots::<AtomicBitmap>::new(&null(), true).unwrap_err());
     // Ring rules on a VM without vCPUs.
-    let mut slots = Slots::new(vm_fd(&vm), true);
+    let mut slots = slots_on(&vm, true);
+    produced.push(Slots::new(vm.vm_fd(), true).unwrap_err());
     produced.push(slots.reap_dirty_rings().unwrap_err());
     produced.push(slots.enable_dirty_ring(12345).unwrap_err());
     slots.enable_dirty_ring(1 << 16).unwrap();
+    produced.push(slots.enable_dirty_ring(1 << 16).unwrap_err());
     produced.push(slots.enable_manual_protect(true).unwrap_err());
     produced.push(slots.sync_dirty_log().unwrap_err());
     produced.push(slots.add_vcpu(&null()).unwrap_err());
-    // A ring after a vCPU exists.
+    let i = vm.add_vcpu().unwrap();
+    slots.add_vcpu(&vm.vcpus()[i]).unwrap();
+    produced.push(slots.add_vcpu(&vm.vcpus()[i]).unwrap_err());
+    let mut ringless = TestVm::new().unwrap();
+    let j = ringless.add_vcpu().unwrap();
+    produced.push(slots.add_vcpu(&ringless.vcpus()[j]).unwrap_err());
+    // A ring after a vCPU exists; no log without logging; no slot number left.
     let mut late_vm = TestVm::new().unwrap();
     late_vm.add_vcpu().unwrap();
-    produced.push(Slots::new(vm_fd(&late_vm), true).enable_dirty_ring(1 << 16).unwrap_err());
-    // No slot number left.
+    produced.push(slots_on(&late_vm, true).enable_dirty_ring(1 << 16).unwrap_err());
+    produced.push(slots_on(&late_vm, false).sync_dirty_log().unwrap_err());
     let mem = Mem::from_regions(vec![anon(0, 1 << 20), anon(GIB, 1 << 20)]).unwrap();
-    produced.push(Slots::new(vm_fd(&late_vm), true).with_slot_range(0..1).register(&mem).unwrap_err());
+    produced.push(slots_on(&late_vm, true).with_slot_range(0..1).register(&mem).unwrap_err());
+    // A range the VM already maps: KVM refuses.
+    late_vm.add_ram(300, 0, 1 << 20, 0).unwrap();
+    produced.push(slots_on(&late_vm, true).register(&mem).unwrap_err());
     // A region with tracking off cannot take KVM's bits.
-    vm.add_vcpu().unwrap();
     let off = GuestRegionMmap::build(
         MmapRegionBuilder::<Option<AtomicBitmap>>::new(1 << 20).dirty_tracking(false),
         GuestAddress(0),
     )
     .unwrap();
     let untracked = GuestMemoryMmap::from_regions(vec![off]).unwrap();
-    let fresh = TestVm::new().unwrap();
-    let mut logged = KvmSlots::new(vm_fd(&fresh), true);
-    logged.register(&untracked).unwrap();
-    let mut fresh = fresh;
-    fresh.add_vcpu().unwrap();
-    kvm_guest::run_writes(fresh.vcpu(0).unwrap(), CODE_GPA, &[(0x8000, 1)], &mut |gpa, c| {
-        untracked
-            .write_slice(c, GuestAddress(gpa))
-            .map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
-    })
-    .unwrap();
-    produced.push(logged.sync_dirty_log().unwrap_err());
+    produced
+        .push(KvmSlots::new(TestVm::new().unwrap().vm_fd(), true).unwrap().register(&untracked).unwrap_err());
+    // A slot changed behind our back (see slot_ownership_is_exclusive_and_log_buffers_cannot_overflow).
+    let changed_vm = TestVm::new().unwrap();
+    let small = Mem::from_regions(vec![anon(0, 64 << 10)]).unwrap();
+    let mut changed = slots_on(&changed_vm, true);
+    changed.register(&small).unwrap();
+    // 256 MiB: an 8 KiB log, past the page our 16-page slot's buffer has.
+    let big = guestmem_kvm_guest::Ram::new(256 << 20).unwrap();
+    let slot = kvm_guest::MemorySlot {
+        slot: 0,
+        guest_phys_addr: 0,
+        size: 256 << 20,
+        userspace_addr: big.as_ptr() as u64,
+        flags: kvm_guest::LOG_DIRTY_PAGES,
+    };
+    // SAFETY: `big` outlives the slot: `changed` deletes it on drop, before `big` drops.
+    unsafe {
+        kvm_guest::set_user_memory_region(changed_vm.vm_fd(), &kvm_guest::MemorySlot { size: 0, ..slot })
+            .unwrap();
+        kvm_guest::set_user_memory_region(changed_vm.vm_fd(), &slot).unwrap();
+    }
+    produced.push(changed.sync_dirty_log().unwrap_err());
+    drop(changed);
+    drop(big);
+    // `LogBuffer`: log_buffer_allocation_failure_is_an_error; `Unsupported`: not on this kernel.
     common::assert_every_variant(
         &produced,
         name,
         &[
             "Ioctl",
-            "Unsupported",
-            "RingAfterVcpu",
+            "NotAVm",
+            "NotAVcpu",
+            "VmAlreadyOwned",
+            "DuplicateVcpu",
+            "RingAlreadyEnabled",
+            "RingRefused",
             "InvalidRingSize",
             "InitiallySetWithRing",
             "RingEnabled",
             "RingNotEnabled",
+            "NotLogging",
             "NoFreeSlot",
             "Bitmap",
+            "SlotChanged",
             "RingMap",
         ],
         false,

@@ -409,7 +409,6 @@ fn precopy_stops_after_max_rounds_when_it_cannot_converge() {
 fn precopy_while_a_kvm_guest_writes() {
     use common::kvm_guest::{self, run_until_exits, GuestError, LoopingWriter, TestVm, COUNT_OFFSET};
     use guestmem::kvm::KvmSlots;
-    use std::os::fd::{AsRawFd, BorrowedFd};
 
     if common::need("kvm", "precopy_while_a_kvm_guest_writes", kvm_guest::kvm_available()).is_none() {
         return;
@@ -419,9 +418,7 @@ fn precopy_while_a_kvm_guest_writes() {
     fill(&src, 9);
     let dst = tracked(&layout());
     let mut vm = TestVm::new().unwrap();
-    // SAFETY: the VM fd is open while `vm` lives; we only borrow it to duplicate it.
-    let vm_fd = unsafe { BorrowedFd::borrow_raw(vm.vm_fd().as_raw_fd()) }.try_clone_to_owned().unwrap();
-    let mut slots = KvmSlots::new(vm_fd, true);
+    let mut slots = KvmSlots::new(vm.vm_fd(), true).unwrap();
     slots.register(&src).unwrap();
     let cpu = vm.add_vcpu().unwrap();
     // 1024 pages spread over both regions' guest-reachable part: the first region's upper

@@ -5,7 +5,7 @@
 
 use std::ffi::CStr;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use super::mman::flag_type;
 use super::{cvt, cvt_long};
@@ -379,6 +379,59 @@ pub unsafe fn pwritev(fd: BorrowedFd<'_>, iov: &[libc::iovec], offset: u64) -> i
     let off = offset_arg(offset)?;
     // SAFETY: the caller guarantees every buffer is readable; `iov` outlives the call.
     cvt_long(unsafe { libc::pwritev(fd.as_raw_fd(), iov.as_ptr(), n, off) }).map(|n| n as usize)
+}
+
+/// `fcntl(F_DUPFD_CLOEXEC)` of a raw descriptor number: a new descriptor, owned by the caller,
+/// for the same open file. Harmless for any number (one that is not open is `EBADF`); what the
+/// new descriptor refers to is for the caller to check (see [`fd_link`]).
+pub fn dup_raw(fd: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC touches no process memory; on any number it either fails or
+    // returns a new descriptor.
+    let new = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) })?;
+    // SAFETY: the descriptor is new and owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// `readlink(2)` of `/proc/self/fd/N`: what the descriptor refers to, as the kernel names it (a
+/// path, or `anon_inode:NAME` for anonymous files such as KVM's, `socket:[...]`, `pipe:[...]`).
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// let f = std::fs::File::open("/proc/self/exe").unwrap();
+/// assert!(guestmem::sys::fd::fd_link(f.as_fd()).unwrap().to_string_lossy().starts_with('/'));
+/// ```
+pub fn fd_link(fd: BorrowedFd<'_>) -> io::Result<std::ffi::OsString> {
+    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).map(|p| p.into_os_string())
+}
+
+/// `kcmp(2)` with `KCMP_FILE` on two descriptors of this process: whether they refer to the same
+/// open file (a `dup`, or the same file passed twice), not merely the same inode. Fails with
+/// `ENOSYS` on kernels built without `CONFIG_KCMP`.
+///
+/// ```
+/// use std::os::fd::AsFd;
+/// let f = std::fs::File::open("/proc/self/exe").unwrap();
+/// let g = f.try_clone().unwrap();
+/// let h = std::fs::File::open("/proc/self/exe").unwrap();
+/// assert!(guestmem::sys::fd::same_file(f.as_fd(), g.as_fd()).unwrap());
+/// assert!(!guestmem::sys::fd::same_file(f.as_fd(), h.as_fd()).unwrap());
+/// ```
+pub fn same_file(a: BorrowedFd<'_>, b: BorrowedFd<'_>) -> io::Result<bool> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: getpid has no memory effects.
+    let pid = libc::c_long::from(unsafe { libc::getpid() });
+    // SAFETY: kcmp with KCMP_FILE compares two descriptors by number and touches no memory.
+    let r = cvt_long(unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid,
+            pid,
+            KCMP_FILE,
+            libc::c_long::from(a.as_raw_fd()),
+            libc::c_long::from(b.as_raw_fd()),
+        )
+    })?;
+    Ok(r == 0)
 }
 
 /// The maximum number of `iovec`s one vectored call takes (`IOV_MAX`, 1024 on Linux).

@@ -4,7 +4,8 @@
 
 #![allow(dead_code)]
 
-pub mod kvm_guest;
+#[allow(unused_imports)]
+pub use guestmem_kvm_guest as kvm_guest;
 
 use std::path::PathBuf;
 
@@ -126,4 +127,48 @@ pub fn assert_every_variant<E: std::fmt::Debug + std::fmt::Display>(
     for e in produced {
         assert!(!e.to_string().is_empty());
     }
+}
+
+/// The environment variable that tells a re-executed test binary which test it runs as a child.
+const CHILD_ENV: &str = "GUESTMEM_CHILD_TEST";
+
+/// Runs `body` in a child process, so that a signal (SIGSEGV, SIGBUS, an abort from a failed
+/// allocation) is a reported failure of this test instead of the end of the test run: the test
+/// binary runs again with only `test` (the test's name as `cargo test` prints it) and
+/// `GUESTMEM_CHILD_TEST=test`, and there calls `body`. The parent fails, with the child's
+/// output, if the child does not exit normally after passing.
+pub fn in_child(test: &str, body: impl FnOnce()) {
+    use std::os::unix::process::ExitStatusExt;
+    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        body();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if let Some(signal) = out.status.signal() {
+        panic!("{test}: the child was killed by signal {signal}\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    }
+    assert!(
+        out.status.success(),
+        "{test}: the child failed ({})\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    assert!(stdout.contains("1 passed"), "{test}: the child did not run the test\nstdout:\n{stdout}");
+}
+
+/// This process's peak resident set size in bytes (`VmHWM` of `/proc/self/status`).
+pub fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    kb * 1024
 }

@@ -38,8 +38,6 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use guestmem::mmap::{MmapError, MmapRegion, MmapRegionBuilder};
-use guestmem::{Bytes, VolatileError};
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 
@@ -79,17 +77,7 @@ pub enum GuestError {
         /// Bytes asked for.
         size: usize,
         /// The error.
-        source: MmapError,
-    },
-    /// A host access to RAM the VM owns failed.
-    #[error("host access of {len:#x} bytes at GPA {gpa:#x} failed: {source}")]
-    Host {
-        /// The guest-physical address.
-        gpa: u64,
-        /// Bytes.
-        len: usize,
-        /// The error.
-        source: VolatileError,
+        source: std::io::Error,
     },
     /// A host access to GPAs no RAM of the VM covers (or that cross two slots).
     #[error("no RAM of the VM covers {len:#x} bytes at GPA {gpa:#x}")]
@@ -154,7 +142,7 @@ fn kvm_err(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> GuestError {
 }
 
 /// Whether KVM is usable here: /dev/kvm opens and a VM can be created. The reason otherwise,
-/// for [`need`](super::need)`("kvm", ...)`.
+/// for `need("kvm", ...)` in the tests' common module.
 pub fn kvm_available() -> Result<(), String> {
     let kvm = Kvm::new().map_err(|e| format!("/dev/kvm cannot be opened: {e}"))?;
     kvm.create_vm().map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;
@@ -240,7 +228,78 @@ pub struct TestVm {
     vm: VmFd,
     kvm: Kvm,
     slots: Vec<MemorySlot>,
-    ram: Vec<(MemorySlot, MmapRegion<()>)>,
+    ram: Vec<(MemorySlot, Ram)>,
+}
+
+/// Private anonymous memory the harness maps itself, unmapped when dropped. Accessed only by
+/// raw copies (the guest writes it too), never through references.
+#[derive(Debug)]
+pub struct Ram {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping belongs to this value; it is only read and written with raw copies.
+unsafe impl Send for Ram {}
+// SAFETY: as above.
+unsafe impl Sync for Ram {}
+
+impl Ram {
+    /// `len` bytes of zeroed private anonymous memory.
+    pub fn new(len: usize) -> std::io::Result<Ram> {
+        // SAFETY: a new anonymous mapping, no MAP_FIXED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Ram { ptr: ptr.cast(), len })
+    }
+
+    /// The host address of the first byte.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the length is 0.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies `bytes` to `offset` (the caller checked the range).
+    fn write(&self, offset: usize, bytes: &[u8]) {
+        assert!(offset.checked_add(bytes.len()).is_some_and(|end| end <= self.len));
+        // SAFETY: the range lies in our mapping (asserted); a host buffer never overlaps it.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(offset), bytes.len()) }
+    }
+
+    /// Copies `buf.len()` bytes from `offset` (the caller checked the range).
+    fn read(&self, offset: usize, buf: &mut [u8]) {
+        assert!(offset.checked_add(buf.len()).is_some_and(|end| end <= self.len));
+        // SAFETY: as in `write`.
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.add(offset), buf.as_mut_ptr(), buf.len()) }
+    }
+}
+
+impl Drop for Ram {
+    fn drop(&mut self) {
+        // SAFETY: the mapping is ours; every slot that used it is gone with the VM (fields of
+        // `TestVm` drop in order) or was deleted.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 impl TestVm {
@@ -309,8 +368,7 @@ impl TestVm {
         size: usize,
         flags: u32,
     ) -> Result<MemorySlot, GuestError> {
-        let region =
-            MmapRegionBuilder::<()>::new(size).build().map_err(|source| GuestError::Mmap { size, source })?;
+        let region = Ram::new(size).map_err(|source| GuestError::Mmap { size, source })?;
         let memory_slot = MemorySlot {
             slot,
             guest_phys_addr: gpa,
@@ -380,12 +438,12 @@ impl TestVm {
 }
 
 /// The VM's RAM on its own, so it can be borrowed beside a vCPU.
-struct RamView<'a>(&'a [(MemorySlot, MmapRegion<()>)]);
+struct RamView<'a>(&'a [(MemorySlot, Ram)]);
 
 impl RamView<'_> {
     /// The region that holds `[gpa, gpa + len)` (the newest registration of a GPA wins), and
     /// the offset of `gpa` in it.
-    fn at(&self, gpa: u64, len: usize) -> Result<(&MmapRegion<()>, usize), GuestError> {
+    fn at(&self, gpa: u64, len: usize) -> Result<(&Ram, usize), GuestError> {
         self.0
             .iter()
             .rev()
@@ -396,22 +454,14 @@ impl RamView<'_> {
 
     fn write(&self, gpa: u64, bytes: &[u8]) -> Result<(), GuestError> {
         let (region, offset) = self.at(gpa, bytes.len())?;
-        let len = bytes.len();
-        region.as_volatile_slice().write_slice(bytes, offset).map_err(|source| GuestError::Host {
-            gpa,
-            len,
-            source,
-        })
+        region.write(offset, bytes);
+        Ok(())
     }
 
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), GuestError> {
         let (region, offset) = self.at(gpa, buf.len())?;
-        let len = buf.len();
-        region.as_volatile_slice().read_slice(buf, offset).map_err(|source| GuestError::Host {
-            gpa,
-            len,
-            source,
-        })
+        region.read(offset, buf);
+        Ok(())
     }
 }
 
