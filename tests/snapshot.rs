@@ -201,7 +201,7 @@ fn diff_then_rebase_equals_full_dump() {
     let info = snapshot::verify(&diff).unwrap();
     assert_eq!(info.kind, SnapshotKind::Diff);
     assert!(info.regions[0].holds_page(6) && !info.regions[0].holds_page(5));
-    assert_eq!(info.regions[0].held_runs(PAGE), vec![(2, 1), (6, 1), (63, 1)]);
+    assert_eq!(info.regions[0].held_runs(PAGE).collect::<Vec<_>>(), vec![(2, 1), (6, 1), (63, 1)]);
 
     let rebased = tmp();
     let now = tmp();
@@ -590,6 +590,7 @@ fn every_snapshot_error_variant_is_produced() {
         SnapshotError::RegionMismatch { .. } => "RegionMismatch",
         SnapshotError::KindMismatch { .. } => "KindMismatch",
         SnapshotError::Memory(_) => "Memory",
+        SnapshotError::OutputIsInput { .. } => "OutputIsInput",
         SnapshotError::Dirty(_) => "Dirty",
     };
     let mut produced = Vec::new();
@@ -636,6 +637,8 @@ fn every_snapshot_error_variant_is_produced() {
     .unwrap();
     let untracked = GuestMemoryMmap::from_regions(vec![untracked]).unwrap();
     produced.push(snapshot::dump_dirty(&untracked, &tmp()).unwrap_err());
+    // A rebase into its own base.
+    produced.push(snapshot::rebase(&full, &diff, &full).unwrap_err());
 
     common::assert_every_variant(
         &produced,
@@ -652,6 +655,7 @@ fn every_snapshot_error_variant_is_produced() {
             "RegionMismatch",
             "KindMismatch",
             "Memory",
+            "OutputIsInput",
             "Dirty",
         ],
         true,

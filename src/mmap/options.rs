@@ -28,6 +28,14 @@ use crate::sys::{MemPolicy, Seals};
 /// assert_eq!(st.size, 0);
 /// assert_eq!(fo.with_start(0x2000).start(), 0x2000); // the same file, another offset
 /// ```
+///
+/// ```compile_fail,E0624
+/// let r = guestmem::mmap::MmapRegionBuilder::<()>::new(4096)
+///     .backing(guestmem::mmap::Backing::Memfd(guestmem::mmap::MemfdOptions::new("ram")))
+///     .build()
+///     .unwrap();
+/// r.file_offset().unwrap().file().set_len(0).unwrap(); // no `&File` to shrink it through
+/// ```
 #[derive(Clone, Debug)]
 pub struct FileOffset {
     file: Arc<File>,

@@ -2,6 +2,7 @@
 //! diff snapshots, their encoding and their validation. Everything is little-endian.
 
 use std::fs::File;
+use std::io;
 use std::os::unix::fs::FileExt;
 
 use super::{io_err, SnapshotError};
@@ -27,6 +28,11 @@ pub(crate) const MAX_REGIONS: u32 = 1 << 16;
 /// The largest header area (header, table and bitmaps) we read: 1 GiB of bitmap covers 32 TiB
 /// of guest memory in 4 KiB pages.
 pub(crate) const MAX_HEADER_AREA: u64 = 1 << 30;
+/// The smallest snapshot page size (the granule of holes and diff bitmaps): a smaller one would
+/// let a small file describe an outsized bitmap.
+pub(crate) const MIN_PAGE_SIZE: u64 = 4096;
+/// The largest snapshot page size.
+pub(crate) const MAX_PAGE_SIZE: u64 = 1 << 30;
 
 /// Whether a snapshot holds whole memory or only some pages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -95,25 +101,17 @@ impl SnapshotRegion {
         }
     }
 
-    /// The runs of pages the snapshot holds, as `(first_page, count)`, in order.
-    pub fn held_runs(&self, page_size: u64) -> Vec<(u64, u64)> {
-        let num_pages = self.len.div_ceil(page_size);
-        let Some(words) = &self.pages else { return vec![(0, num_pages)] };
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for (wi, &word) in words.iter().enumerate() {
-            let mut w = word;
-            while w != 0 {
-                let bit = u64::from(w.trailing_zeros());
-                let ones = u64::from((w >> bit).trailing_ones());
-                let first = wi as u64 * 64 + bit;
-                match runs.last_mut() {
-                    Some((f, n)) if *f + *n == first => *n += ones,
-                    _ => runs.push((first, ones)),
-                }
-                w = if bit + ones >= 64 { 0 } else { w & !(((1u64 << ones) - 1) << bit) };
+    /// The runs of pages the snapshot holds, as `(first_page, count)`, in order, in pages of
+    /// `page_size` (the snapshot's; 0 is taken as 1). An iterator over the page bitmap: it
+    /// allocates nothing, whatever the bitmap holds.
+    pub fn held_runs(&self, page_size: u64) -> HeldRuns<'_> {
+        let num_pages = self.len.div_ceil(page_size.max(1));
+        match &self.pages {
+            None => HeldRuns { words: &[], word: 0, bits: 0, whole: Some(num_pages) },
+            Some(words) => {
+                HeldRuns { words, word: 0, bits: words.first().copied().unwrap_or(0), whole: None }
             }
         }
-        runs
     }
 
     /// How many pages the snapshot holds of this region.
@@ -121,6 +119,54 @@ impl SnapshotRegion {
         match &self.pages {
             None => self.len.div_ceil(page_size),
             Some(words) => words.iter().map(|w| u64::from(w.count_ones())).sum(),
+        }
+    }
+}
+
+/// The runs of pages a snapshot region holds: see [`SnapshotRegion::held_runs`].
+#[derive(Clone, Debug)]
+pub struct HeldRuns<'a> {
+    words: &'a [u64],
+    /// Index of the word `bits` comes from.
+    word: usize,
+    /// The bits of `words[word]` not yet reported.
+    bits: u64,
+    /// For a full snapshot: every page, once.
+    whole: Option<u64>,
+}
+
+impl Iterator for HeldRuns<'_> {
+    type Item = (u64, u64);
+
+    fn next(&mut self) -> Option<(u64, u64)> {
+        if let Some(pages) = self.whole.take() {
+            return (pages > 0).then_some((0, pages));
+        }
+        // The next set bit, from the current word on.
+        while self.bits == 0 {
+            self.word += 1;
+            self.bits = *self.words.get(self.word)?;
+        }
+        let first = self.word as u64 * 64 + u64::from(self.bits.trailing_zeros());
+        let mut count = 0;
+        // The run goes on while the bits are ones, across words.
+        loop {
+            let shift = self.bits.trailing_zeros();
+            let ones = (self.bits >> shift).trailing_ones();
+            count += u64::from(ones);
+            let end = shift + ones;
+            self.bits = if end >= 64 { 0 } else { self.bits & !(u64::MAX >> (64 - end)) };
+            if end < 64 || self.bits != 0 {
+                return Some((first, count));
+            }
+            // The run reached the word's end: it continues if the next word starts with a one.
+            match self.words.get(self.word + 1) {
+                Some(&next) if next & 1 == 1 => {
+                    self.word += 1;
+                    self.bits = next;
+                }
+                _ => return Some((first, count)),
+            }
         }
     }
 }
@@ -241,10 +287,28 @@ impl SnapshotInfo {
     /// Reads and validates the header area of `file`: length, magic, version, header checksum,
     /// then the consistency of the table (aligned, ordered, non-overlapping regions inside the
     /// file, bitmaps where the table says). Reads no region data.
+    ///
+    /// Nothing is read or allocated from a length the file claims before that length was
+    /// checked: the fixed 64-byte header first (region count at most 65536, page size, header
+    /// and file lengths against the file's real length), then the region table (its size
+    /// follows from the count), whose layout must account for the header length exactly; the
+    /// header checksum is computed over the bitmaps by streaming them through a fixed buffer,
+    /// and only a header that passes gets its bitmaps allocated (fallibly) and read.
     pub fn read(file: &File) -> Result<SnapshotInfo, SnapshotError> {
+        let mut layout = Self::read_layout(file)?;
+        layout.load_bitmaps(file)?;
+        Ok(layout)
+    }
+
+    /// [`read`](Self::read) without the diff page bitmaps (`pages` stays `None` until
+    /// [`load_bitmaps`](Self::load_bitmaps)), so a caller can match the layout against its
+    /// destination before anything sized by the bitmaps is allocated. The header checksum is
+    /// verified here, over the whole header area.
+    pub(crate) fn read_layout(file: &File) -> Result<SnapshotInfo, SnapshotError> {
         let actual_len = file.metadata().map_err(|e| io_err("fstat", 0, e))?.len();
         let truncated =
             |part: &'static str, needed: u64| SnapshotError::Truncated { part, needed, file_len: actual_len };
+        let bad = |reason| SnapshotError::InvalidLayout { reason };
         if actual_len < HEADER_LEN {
             return Err(truncated("header", HEADER_LEN));
         }
@@ -259,65 +323,135 @@ impl SnapshotInfo {
         if version != VERSION {
             return Err(SnapshotError::UnsupportedVersion { found: version, supported: VERSION });
         }
+        // Everything the fixed header says, checked before anything else is read.
+        let flags = le_u32(&head, 12);
+        if flags & !FLAG_DIFF != 0 {
+            return Err(bad("unknown flags"));
+        }
+        let kind = if flags & FLAG_DIFF != 0 { SnapshotKind::Diff } else { SnapshotKind::Full };
+        let count = le_u32(&head, 16);
+        let page_size = u64::from(le_u32(&head, 20));
         let header_len = le_u64(&head, 24);
+        let file_len = le_u64(&head, 32);
+        if count > MAX_REGIONS {
+            return Err(bad("too many regions"));
+        }
+        if !page_size.is_power_of_two() || !(MIN_PAGE_SIZE..=MAX_PAGE_SIZE).contains(&page_size) {
+            return Err(bad("page size is not a power of two between 4 KiB and 1 GiB"));
+        }
         if !(HEADER_LEN..=MAX_HEADER_AREA).contains(&header_len) {
-            return Err(SnapshotError::InvalidLayout { reason: "header length out of range" });
+            return Err(bad("header length out of range"));
+        }
+        if file_len > i64::MAX as u64 || header_len > file_len {
+            return Err(bad("file length out of range"));
+        }
+        let table_end = HEADER_LEN + REGION_ENTRY_LEN * u64::from(count);
+        if table_end > header_len {
+            return Err(bad("region table runs past the header length"));
+        }
+        if actual_len < table_end {
+            return Err(truncated("region table", table_end));
+        }
+        // The table: at most 65536 entries of 48 bytes, sized by the count just checked.
+        let mut table = vec![0u8; (table_end - HEADER_LEN) as usize];
+        file.read_exact_at(&mut table, HEADER_LEN).map_err(|e| io_err("read region table", HEADER_LEN, e))?;
+        let regions = Self::parse_table(kind, page_size, header_len, file_len, &table)?;
+        // The layout must account for the header length exactly: the bitmaps of a diff and
+        // nothing else follow the table.
+        let mut bitmap_bytes = 0u64;
+        if kind == SnapshotKind::Diff {
+            for r in &regions {
+                bitmap_bytes += bitmap_words(r.len, page_size) * 8;
+            }
+        }
+        if table_end.checked_add(bitmap_bytes) != Some(header_len) {
+            return Err(bad("header length does not match the table and bitmaps"));
         }
         if actual_len < header_len {
             return Err(truncated("region table", header_len));
         }
-        let mut area = vec![0u8; header_len as usize];
-        file.read_exact_at(&mut area, 0).map_err(|e| io_err("read region table", 0, e))?;
-        let stored = le_u64(&area, HEADER_CHECKSUM_OFFSET);
-        let computed = header_checksum(&area);
+        // The header checksum, the bitmaps streamed through a fixed buffer.
+        let mut c = Checksum::new();
+        c.update(&head[..HEADER_CHECKSUM_OFFSET]);
+        c.zeros(8);
+        c.update(&head[HEADER_CHECKSUM_OFFSET + 8..]);
+        c.update(&table);
+        let mut chunk = [0u8; 64 << 10];
+        let mut at = table_end;
+        while at < header_len {
+            let n = (header_len - at).min(chunk.len() as u64) as usize;
+            file.read_exact_at(&mut chunk[..n], at).map_err(|e| io_err("read page bitmaps", at, e))?;
+            c.update(&chunk[..n]);
+            at += n as u64;
+        }
+        let stored = le_u64(&head, HEADER_CHECKSUM_OFFSET);
+        let computed = c.finish();
         if stored != computed {
             return Err(SnapshotError::HeaderChecksum { stored, computed });
         }
-        let info = Self::parse(&area)?;
-        if actual_len < info.file_len {
-            return Err(truncated("region data", info.file_len));
+        if actual_len < file_len {
+            return Err(truncated("region data", file_len));
         }
-        Ok(info)
+        Ok(SnapshotInfo { kind, page_size, header_len, file_len, regions })
     }
 
-    /// Decodes a header area whose checksum is right, checking that it describes a sane
-    /// layout.
-    fn parse(area: &[u8]) -> Result<SnapshotInfo, SnapshotError> {
+    /// Reads the page bitmaps of a diff whose layout [`read_layout`](Self::read_layout)
+    /// checked (a full snapshot has none): allocated fallibly, each checked to mark no page past
+    /// its region's end.
+    pub(crate) fn load_bitmaps(&mut self, file: &File) -> Result<(), SnapshotError> {
+        if self.kind != SnapshotKind::Diff {
+            return Ok(());
+        }
+        let mut at = HEADER_LEN + REGION_ENTRY_LEN * self.regions.len() as u64;
+        for r in &mut self.regions {
+            if r.pages.is_some() {
+                return Ok(());
+            }
+            let words = bitmap_words(r.len, self.page_size) as usize;
+            let mut bytes = Vec::new();
+            bytes.try_reserve_exact(words * 8).map_err(|_| {
+                io_err("allocate page bitmap", at, io::Error::from(io::ErrorKind::OutOfMemory))
+            })?;
+            bytes.resize(words * 8, 0u8);
+            file.read_exact_at(&mut bytes, at).map_err(|e| io_err("read page bitmaps", at, e))?;
+            let v: Vec<u64> = (0..words).map(|j| le_u64(&bytes, 8 * j)).collect();
+            // Bits past the region's last page must be clear.
+            let num_pages = r.len.div_ceil(self.page_size);
+            if !num_pages.is_multiple_of(64) && v.last().is_some_and(|w| w >> (num_pages % 64) != 0) {
+                return Err(SnapshotError::InvalidLayout {
+                    reason: "page bitmap marks pages past the end of its region",
+                });
+            }
+            r.pages = Some(v);
+            at += words as u64 * 8;
+        }
+        Ok(())
+    }
+
+    /// Decodes and checks the region table (`count` entries of [`REGION_ENTRY_LEN`] bytes):
+    /// regions in order, not overlapping, each with its data aligned, after the header area and
+    /// before `file_len`, and (for a diff) its bitmap where the layout puts it.
+    fn parse_table(
+        kind: SnapshotKind,
+        page_size: u64,
+        header_len: u64,
+        file_len: u64,
+        table: &[u8],
+    ) -> Result<Vec<SnapshotRegion>, SnapshotError> {
         let bad = |reason| Err(SnapshotError::InvalidLayout { reason });
-        let flags = le_u32(area, 12);
-        if flags & !FLAG_DIFF != 0 {
-            return bad("unknown flags");
-        }
-        let kind = if flags & FLAG_DIFF != 0 { SnapshotKind::Diff } else { SnapshotKind::Full };
-        let count = le_u32(area, 16);
-        let page_size = u64::from(le_u32(area, 20));
-        let header_len = area.len() as u64;
-        let file_len = le_u64(area, 32);
-        if count > MAX_REGIONS {
-            return bad("too many regions");
-        }
-        if !page_size.is_power_of_two() || page_size < 512 {
-            return bad("page size is not a power of two of at least 512");
-        }
-        if file_len > i64::MAX as u64 {
-            return bad("file length out of range");
-        }
-        let table_end = HEADER_LEN + REGION_ENTRY_LEN * u64::from(count);
-        if table_end > header_len {
-            return bad("region table runs past the header length");
-        }
-        let mut regions = Vec::with_capacity(count as usize);
-        let mut bitmap_at = table_end;
+        let count = table.len() / REGION_ENTRY_LEN as usize;
+        let mut regions = Vec::with_capacity(count);
+        let mut bitmap_at = HEADER_LEN + table.len() as u64;
         let mut data_end = header_len;
         let mut next_guest: Option<u64> = Some(0);
-        for i in 0..count as usize {
-            let e = HEADER_LEN as usize + REGION_ENTRY_LEN as usize * i;
-            let guest_addr = le_u64(area, e);
-            let len = le_u64(area, e + 8);
-            let region_page = le_u64(area, e + 16);
-            let data_offset = le_u64(area, e + 24);
-            let checksum = le_u64(area, e + 32);
-            let bitmap_offset = le_u64(area, e + 40);
+        for i in 0..count {
+            let e = REGION_ENTRY_LEN as usize * i;
+            let guest_addr = le_u64(table, e);
+            let len = le_u64(table, e + 8);
+            let region_page = le_u64(table, e + 16);
+            let data_offset = le_u64(table, e + 24);
+            let checksum = le_u64(table, e + 32);
+            let bitmap_offset = le_u64(table, e + 40);
             if len == 0 || guest_addr.checked_add(len - 1).is_none() {
                 return bad("empty region, or one that wraps the guest address space");
             }
@@ -336,39 +470,27 @@ impl SnapshotInfo {
                 Some(end) if end <= file_len => end,
                 _ => return bad("region data runs past the file length"),
             };
-            let pages = match kind {
+            match kind {
                 SnapshotKind::Full if bitmap_offset != 0 => return bad("a full snapshot with a page bitmap"),
-                SnapshotKind::Full => None,
+                SnapshotKind::Full => {}
                 SnapshotKind::Diff => {
-                    let words = bitmap_words(len, page_size);
-                    let end = words.checked_mul(8).and_then(|b| b.checked_add(bitmap_at));
-                    if bitmap_offset != bitmap_at || end.is_none_or(|end| end > header_len) {
+                    if bitmap_offset != bitmap_at {
                         return bad("page bitmap out of place");
                     }
-                    let at = bitmap_at as usize;
-                    let v: Vec<u64> = (0..words as usize).map(|j| le_u64(area, at + 8 * j)).collect();
-                    // Bits past the region's last page must be clear.
-                    let num_pages = len.div_ceil(page_size);
-                    if !num_pages.is_multiple_of(64) && v.last().is_some_and(|w| w >> (num_pages % 64) != 0) {
-                        return bad("page bitmap marks pages past the end of its region");
-                    }
-                    bitmap_at += words * 8;
-                    Some(v)
+                    // Bounded: `len` fits in the file, so this is at most file_len / 32 Ki.
+                    bitmap_at += bitmap_words(len, page_size) * 8;
                 }
-            };
+            }
             regions.push(SnapshotRegion {
                 guest_addr: GuestAddress(guest_addr),
                 len,
                 page_size: region_page,
                 data_offset,
                 checksum,
-                pages,
+                pages: None,
             });
         }
-        if bitmap_at != header_len {
-            return bad("header length does not match the table and bitmaps");
-        }
-        Ok(SnapshotInfo { kind, page_size, header_len, file_len, regions })
+        Ok(regions)
     }
 }
 
@@ -390,13 +512,18 @@ mod tests {
     #[test]
     fn held_runs_from_bitmaps() {
         let r = region(None, 10 * 4096 + 1);
-        assert_eq!(r.held_runs(4096), vec![(0, 11)]);
+        assert_eq!(r.held_runs(4096).collect::<Vec<_>>(), vec![(0, 11)]);
+        assert_eq!(r.held_runs(0).count(), 1, "a page size of 0 divides nothing");
         assert_eq!(r.held_pages(4096), 11);
         assert!(r.holds_page(1000));
         let r = region(Some(vec![0b1011 | (1 << 63), 0b1, u64::MAX]), 192 * 4096);
-        assert_eq!(r.held_runs(4096), vec![(0, 2), (3, 1), (63, 2), (128, 64)]);
+        assert_eq!(r.held_runs(4096).collect::<Vec<_>>(), vec![(0, 2), (3, 1), (63, 2), (128, 64)]);
         assert_eq!(r.held_pages(4096), 2 + 1 + 2 + 64);
         assert!(r.holds_page(64) && !r.holds_page(65) && !r.holds_page(1 << 40));
+        let r = region(Some(vec![u64::MAX, u64::MAX, 1, 0, 1 << 63]), 320 * 4096);
+        assert_eq!(r.held_runs(4096).collect::<Vec<_>>(), vec![(0, 129), (319, 1)]);
+        assert_eq!(region(Some(vec![0, 0]), 128 * 4096).held_runs(4096).count(), 0);
+        assert_eq!(region(Some(vec![]), 0).held_runs(4096).count(), 0);
     }
 
     #[test]
@@ -411,8 +538,10 @@ mod tests {
         assert_eq!(info.regions[0].data_offset, 4096);
         assert_eq!(info.regions[1].data_offset, 2 << 20);
         assert_eq!(info.file_len, 4 << 20);
-        let area = info.encode();
-        assert_eq!(SnapshotInfo::parse(&area).unwrap(), info);
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+        f.set_len(info.file_len).unwrap();
+        f.write_all_at(&info.encode(), 0).unwrap();
+        assert_eq!(SnapshotInfo::read(&f).unwrap(), info);
         assert!(
             SnapshotInfo::plan(SnapshotKind::Full, 4096, &[(GuestAddress(0), u64::MAX - 10, 4096)]).is_none()
         );

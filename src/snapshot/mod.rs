@@ -74,7 +74,7 @@
 
 mod format;
 
-pub use format::{SnapshotInfo, SnapshotKind, SnapshotRegion, MAGIC, VERSION};
+pub use format::{HeldRuns, SnapshotInfo, SnapshotKind, SnapshotRegion, MAGIC, VERSION};
 
 use std::fs::File;
 use std::io;
@@ -197,6 +197,14 @@ pub enum SnapshotError {
     /// memory, a region that could not be mapped).
     #[error("guest memory: {0}")]
     Memory(#[from] GuestMemoryError),
+    /// The output of a dump or rebase is the very file it reads (a file backing the memory,
+    /// e.g. the snapshot a `restore_mapped` memory maps; or an input of the rebase): writing
+    /// it truncates it first and would destroy the data. Nothing was written.
+    #[error("the output is {input}: writing it would destroy what is read")]
+    OutputIsInput {
+        /// What the output is.
+        input: &'static str,
+    },
     /// The dirty bitmap could not be harvested (a region without dirty tracking).
     #[error("dirty bitmap: {0}")]
     Dirty(#[from] BitmapError),
@@ -247,6 +255,14 @@ pub trait SnapshotWriter {
 
     /// Sets the length of the output; bytes not written afterwards read as zeros.
     fn set_len(&self, len: u64) -> io::Result<()>;
+
+    /// The (device, inode) of the file written, if it is one: a dump refuses to write into a
+    /// file that backs the memory it dumps, and a rebase into one of its inputs (both truncate
+    /// the output first, which would destroy what they read). The default, `None`, is for
+    /// outputs that are no file.
+    fn file_identity(&self) -> Option<(u64, u64)> {
+        None
+    }
 }
 
 impl SnapshotWriter for File {
@@ -256,6 +272,10 @@ impl SnapshotWriter for File {
 
     fn set_len(&self, len: u64) -> io::Result<()> {
         File::set_len(self, len)
+    }
+
+    fn file_identity(&self) -> Option<(u64, u64)> {
+        file_identity(self)
     }
 }
 
@@ -267,6 +287,24 @@ impl<W: SnapshotWriter + ?Sized> SnapshotWriter for &W {
     fn set_len(&self, len: u64) -> io::Result<()> {
         (**self).set_len(len)
     }
+
+    fn file_identity(&self) -> Option<(u64, u64)> {
+        (**self).file_identity()
+    }
+}
+
+/// The (device, inode) of `file`, if `fstat` answers.
+fn file_identity(file: &File) -> Option<(u64, u64)> {
+    crate::sys::fstat(file.as_fd()).ok().map(|st| (st.dev, st.ino))
+}
+
+/// Refuses an output that is the same file as one of `inputs`.
+fn same_file_refused<W: SnapshotWriter + ?Sized>(out: &W, inputs: &[&File]) -> Result<()> {
+    let Some(id) = out.file_identity() else { return Ok(()) };
+    if inputs.iter().any(|f| file_identity(f) == Some(id)) {
+        return Err(SnapshotError::OutputIsInput { input: "a snapshot the rebase reads" });
+    }
+    Ok(())
 }
 
 /// Writes all of `buf` at `offset`.
@@ -374,7 +412,7 @@ fn is_zero<S: BitmapSlice>(slice: &VolatileSlice<'_, S>) -> bool {
 /// holes; returns the checksum of the region's data area.
 fn write_region<S: BitmapSlice, W: SnapshotWriter + ?Sized>(
     slice: &VolatileSlice<'_, S>,
-    runs: &[(u64, u64)],
+    runs: impl IntoIterator<Item = (u64, u64)>,
     page_size: u64,
     data_offset: u64,
     out: &W,
@@ -395,7 +433,7 @@ fn write_region<S: BitmapSlice, W: SnapshotWriter + ?Sized>(
         }
         Ok(())
     };
-    for &(first, count) in runs {
+    for (first, count) in runs {
         let start = (first * page_size).min(len);
         let end = ((first + count) * page_size).min(len);
         cs.zeros(start - pos);
@@ -441,15 +479,19 @@ fn write_snapshot<B: Bitmap, W: SnapshotWriter + ?Sized>(
     mut info: SnapshotInfo,
     out: &W,
 ) -> Result<DumpStats> {
+    if let Some(id) = out.file_identity() {
+        if mem.iter().any(|r| r.mapping().file_id() == Some(id)) {
+            return Err(SnapshotError::OutputIsInput { input: "the file backing the guest memory" });
+        }
+    }
     let mut stats = DumpStats { file_len: info.file_len, ..DumpStats::default() };
     // Truncate first: pages we skip must read as zeros, not as an older file's bytes.
     out.set_len(0).map_err(|e| io_err("truncate", 0, e))?;
     out.set_len(info.file_len).map_err(|e| io_err("set length", info.file_len, e))?;
     for (region, meta) in mem.iter().zip(info.regions.iter_mut()) {
-        let runs = meta.held_runs(info.page_size);
         meta.checksum = write_region(
             &region.as_volatile_slice(),
-            &runs,
+            meta.held_runs(info.page_size),
             info.page_size,
             meta.data_offset,
             out,
@@ -653,6 +695,12 @@ fn checksum_area(file: &File, offset: u64, len: u64, use_seek: bool, buf: &mut [
 
 fn verify_with(file: &File, use_seek: bool) -> Result<SnapshotInfo> {
     let info = SnapshotInfo::read(file)?;
+    verify_data(file, &info, use_seek)?;
+    Ok(info)
+}
+
+/// Checks every region's data of a snapshot whose header `info` describes.
+fn verify_data(file: &File, info: &SnapshotInfo, use_seek: bool) -> Result<()> {
     let mut buf = vec![0u8; VERIFY_CHUNK];
     for (index, r) in info.regions.iter().enumerate() {
         let computed = checksum_area(file, r.data_offset, r.len, use_seek, &mut buf)?;
@@ -665,7 +713,7 @@ fn verify_with(file: &File, use_seek: bool) -> Result<SnapshotInfo> {
             });
         }
     }
-    Ok(info)
+    Ok(())
 }
 
 /// Checks the header area and every region's data against its checksum; returns what the
@@ -734,7 +782,9 @@ pub fn restore_into<M: GuestMemory>(mem: &M, file: &File) -> Result<RestoreStats
 }
 
 fn restore_into_with<M: GuestMemory>(mem: &M, file: &File, use_seek: bool) -> Result<RestoreStats> {
-    let info = SnapshotInfo::read(file)?;
+    // The layout first, matched against the destination; only then are the diff bitmaps
+    // (sized by the file) allocated.
+    let mut info = SnapshotInfo::read_layout(file)?;
     let target: Vec<_> = mem.iter().map(|r| (r.start_addr(), r.len())).collect();
     match_regions(&info, &target)?;
     for r in &info.regions {
@@ -742,7 +792,8 @@ fn restore_into_with<M: GuestMemory>(mem: &M, file: &File, use_seek: bool) -> Re
             .map_err(|_| GuestMemoryError::Overflow { addr: r.guest_addr, len: usize::MAX })?;
         mem.check_access(r.guest_addr, len, true)?;
     }
-    verify_with(file, use_seek)?;
+    info.load_bitmaps(file)?;
+    verify_data(file, &info, use_seek)?;
 
     let mut stats = RestoreStats::default();
     let page = info.page_size;
@@ -884,6 +935,7 @@ where
 /// assert_eq!(snapshot::read_info(&rebased).unwrap(), snapshot::read_info(&now).unwrap());
 /// ```
 pub fn rebase<W: SnapshotWriter + ?Sized>(base: &File, diff: &File, out: &W) -> Result<DumpStats> {
+    same_file_refused(out, &[base, diff])?;
     let base_info = verify(base)?;
     if base_info.kind != SnapshotKind::Full {
         return Err(SnapshotError::KindMismatch { expected: SnapshotKind::Full, found: base_info.kind });
@@ -929,7 +981,7 @@ pub fn rebase<W: SnapshotWriter + ?Sized>(base: &File, diff: &File, out: &W) -> 
             let mut part = DumpStats::default();
             // Written as a region of its own (zero pages as holes); its finished checksum is
             // of no use, the region's running checksum takes the chunk below.
-            let _ = write_region(&view, &runs, page, o.data_offset + off, out, &mut part)?;
+            let _ = write_region(&view, runs, page, o.data_offset + off, out, &mut part)?;
             stats.bytes_written += part.bytes_written;
             stats.pages_held += part.pages_held;
             stats.pages_written += part.pages_written;
