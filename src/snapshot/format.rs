@@ -65,7 +65,7 @@ impl std::fmt::Display for SnapshotKind {
 /// let info = snapshot::read_info(&file).unwrap();
 /// let region = &info.regions[0];
 /// assert!(region.holds_page(2) && !region.holds_page(4));
-/// assert_eq!(region.held_runs(info.page_size), vec![(2, 2)]);
+/// assert_eq!(region.held_runs(info.page_size).collect::<Vec<_>>(), vec![(2, 2)]);
 /// assert_eq!(region.held_pages(info.page_size), 2);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq)]
