@@ -35,6 +35,13 @@ use guestmem::{
 const PAGE: usize = 4096;
 const MIB: usize = 1 << 20;
 
+/// Held by the tests that use the hugetlb pool: one of them drains it.
+static HUGETLB_POOL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn hugetlb_pool() -> std::sync::MutexGuard<'static, ()> {
+    HUGETLB_POOL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn tmp() -> std::fs::File {
     vmm_sys_util::tempfile::TempFile::new().unwrap().into_file()
 }
@@ -402,6 +409,7 @@ fn hugetlb_memory_survives_a_drained_pool() {
     else {
         return;
     };
+    let _pool = hugetlb_pool();
     common::in_child("hugetlb_memory_survives_a_drained_pool", || {
         let r = MmapRegionBuilder::<()>::new(2 * MIB)
             .backing(Backing::Memfd(MemfdOptions::new("huge")))
@@ -449,4 +457,133 @@ fn a_dump_never_overwrites_its_own_memory() {
     let after = std::fs::read(format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&file))).unwrap();
     assert_eq!(before, after);
     assert_eq!(mem.read_obj::<u64>(GuestAddress(0x3000)).unwrap(), 0xfeed);
+}
+
+/// Item 5, what the library cannot prevent: another holder of an unsealed memfd (here a
+/// duplicate of its descriptor; another process would do the same) truncates it under the
+/// mapping. The next access used to be a SIGBUS that killed the process; now the fault is
+/// recovered: the lost pages read as zeros, writes land in memory no file holds any more, the
+/// region says so, and a dump of it is refused.
+#[test]
+fn a_file_truncated_under_the_mapping_is_recovered() {
+    common::in_child("a_file_truncated_under_the_mapping_is_recovered", || {
+        let region = GuestRegionMmap::build(
+            MmapRegionBuilder::<AtomicBitmap>::new(16 * PAGE)
+                .backing(Backing::Memfd(MemfdOptions::new("shrinkable").sealed(false))),
+            GuestAddress(0),
+        )
+        .unwrap();
+        let mem = GuestMemoryMmap::from_regions(vec![region]).unwrap();
+        mem.write_slice(&[3; 16 * PAGE], GuestAddress(0)).unwrap();
+        let fo = mem.regions()[0].file_offset().unwrap();
+        let other = std::fs::File::from(fo.as_fd().try_clone_to_owned().unwrap());
+        other.set_len(4 * PAGE as u64).unwrap();
+        let before = guestmem::host::sigbus::recovered_faults();
+        // Below the new end: intact. Past it: zeros, not a crash.
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(PAGE as u64)).unwrap(), 3);
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(8 * PAGE as u64)).unwrap(), 0);
+        mem.write_obj(7u64, GuestAddress(12 * PAGE as u64)).unwrap();
+        assert_eq!(mem.read_obj::<u64>(GuestAddress(12 * PAGE as u64)).unwrap(), 7);
+        assert!(mem.regions()[0].backing_lost());
+        assert!(guestmem::host::sigbus::recovered_faults() > before);
+        let e = snapshot::dump(&mem, &tmp()).unwrap_err();
+        assert!(matches!(e, SnapshotError::BackingLost { guest_addr: GuestAddress(0) }), "{e}");
+        // The recovered range is one anonymous mapping, from the file's new end to the region's.
+        let area = guestmem::host::query(mem.regions()[0].as_ptr().wrapping_add(4 * PAGE)).unwrap();
+        assert_eq!(area.range.len(), 12 * PAGE);
+        assert!(area.path.is_none());
+    });
+}
+
+/// The same for a memory restored by mapping a snapshot, whose file is truncated after: the
+/// memory reads zeros past the new end instead of crashing the process.
+#[test]
+fn a_snapshot_truncated_under_a_mapped_restore_is_recovered() {
+    common::in_child("a_snapshot_truncated_under_a_mapped_restore_is_recovered", || {
+        let src = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 * PAGE)]).unwrap();
+        src.write_slice(&[5; 64 * PAGE], GuestAddress(0)).unwrap();
+        let file = tmp();
+        snapshot::dump(&src, &file).unwrap();
+        let mem = snapshot::restore_mapped::<()>(&file).unwrap();
+        file.set_len(16 * PAGE as u64).unwrap();
+        let mut buf = vec![0u8; 64 * PAGE];
+        mem.read_slice(&mut buf, GuestAddress(0)).unwrap();
+        assert!(buf[..8 * PAGE].iter().all(|&b| b == 5));
+        assert!(buf[32 * PAGE..].iter().all(|&b| b == 0));
+        assert!(mem.regions()[0].backing_lost());
+    });
+}
+
+/// A SIGBUS that is not guestmem's (a file mapped by other code, truncated) still takes the
+/// process's own disposition: guestmem's handler, installed by a file-backed region, hands it on
+/// and the default action kills the process, as if guestmem were not there.
+#[test]
+fn other_sigbus_faults_are_not_swallowed() {
+    common::in_child_killed_by("other_sigbus_faults_are_not_swallowed", libc::SIGBUS, || {
+        let _ours = MmapRegionBuilder::<()>::new(PAGE)
+            .backing(Backing::Memfd(MemfdOptions::new("ours")))
+            .build()
+            .unwrap();
+        assert!(guestmem::host::sigbus::is_installed());
+        let f = tmp();
+        f.set_len(2 * PAGE as u64).unwrap();
+        // SAFETY: a new shared mapping of our own file, no MAP_FIXED.
+        let p = unsafe {
+            sys::mmap(
+                std::ptr::null_mut(),
+                2 * PAGE,
+                Protection::READ,
+                sys::MapFlags::SHARED,
+                Some(f.as_fd()),
+                0,
+            )
+        }
+        .unwrap();
+        f.set_len(0).unwrap();
+        // SAFETY: deliberately touching the mapping past the file's new end: the SIGBUS must kill us.
+        let _ = unsafe { p.add(PAGE).read_volatile() };
+        unreachable!("the access past the end of a file not guestmem's did not fault");
+    });
+}
+
+/// A region built without SIGBUS recovery keeps the process's own disposition for its faults.
+#[test]
+fn sigbus_recovery_can_be_declined() {
+    common::in_child_killed_by("sigbus_recovery_can_be_declined", libc::SIGBUS, || {
+        let r = MmapRegionBuilder::<()>::new(4 * PAGE)
+            .backing(Backing::Memfd(MemfdOptions::new("plain").sealed(false)))
+            .sigbus_recovery(false)
+            .build()
+            .unwrap();
+        let other = std::fs::File::from(r.file_offset().unwrap().as_fd().try_clone_to_owned().unwrap());
+        other.set_len(0).unwrap();
+        let _ = r.as_volatile_slice().read_obj::<u8>(3 * PAGE);
+        unreachable!("a region that declined recovery recovered");
+    });
+}
+
+/// Hugetlb memory truncated under the mapping is recovered the same way, in huge pages.
+#[test]
+fn hugetlb_memory_truncated_under_the_mapping_is_recovered() {
+    let Some(()) = common::need(
+        "hugetlb",
+        "hugetlb_memory_truncated_under_the_mapping_is_recovered",
+        common::huge_pages(2),
+    ) else {
+        return;
+    };
+    let _pool = hugetlb_pool();
+    common::in_child("hugetlb_memory_truncated_under_the_mapping_is_recovered", || {
+        let r = MmapRegionBuilder::<()>::new(4 * MIB)
+            .backing(Backing::Memfd(MemfdOptions::new("huge-shrinkable").sealed(false)))
+            .huge_pages(HugePageSize::Size2M)
+            .build()
+            .unwrap();
+        r.as_volatile_slice().fill(1).unwrap();
+        let other = std::fs::File::from(r.file_offset().unwrap().as_fd().try_clone_to_owned().unwrap());
+        other.set_len(2 * MIB as u64).unwrap();
+        assert_eq!(r.as_volatile_slice().read_obj::<u8>(MIB).unwrap(), 1);
+        assert_eq!(r.as_volatile_slice().read_obj::<u8>(3 * MIB).unwrap(), 0);
+        assert!(r.backing_lost());
+    });
 }

@@ -591,6 +591,7 @@ fn every_snapshot_error_variant_is_produced() {
         SnapshotError::KindMismatch { .. } => "KindMismatch",
         SnapshotError::Memory(_) => "Memory",
         SnapshotError::OutputIsInput { .. } => "OutputIsInput",
+        SnapshotError::BackingLost { .. } => "BackingLost",
         SnapshotError::Dirty(_) => "Dirty",
     };
     let mut produced = Vec::new();
@@ -639,6 +640,19 @@ fn every_snapshot_error_variant_is_produced() {
     produced.push(snapshot::dump_dirty(&untracked, &tmp()).unwrap_err());
     // A rebase into its own base.
     produced.push(snapshot::rebase(&full, &diff, &full).unwrap_err());
+    // Memory whose (unsealed) memfd was truncated under it: the fault was recovered, and the
+    // memory no longer holds what was written (see tests/safety.rs for the fault itself).
+    let shrunk = GuestRegionMmap::build(
+        MmapRegionBuilder::<()>::new(0x4000)
+            .backing(Backing::Memfd(MemfdOptions::new("shrunk").sealed(false))),
+        GuestAddress(0),
+    )
+    .unwrap();
+    let fd = shrunk.file_offset().unwrap().as_fd().try_clone_to_owned().unwrap();
+    File::from(fd).set_len(0).unwrap();
+    let shrunk = GuestMemoryMmap::from_regions(vec![shrunk]).unwrap();
+    assert_eq!(shrunk.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 0);
+    produced.push(snapshot::dump(&shrunk, &tmp()).unwrap_err());
 
     common::assert_every_variant(
         &produced,
@@ -656,6 +670,7 @@ fn every_snapshot_error_variant_is_produced() {
             "KindMismatch",
             "Memory",
             "OutputIsInput",
+            "BackingLost",
             "Dirty",
         ],
         true,

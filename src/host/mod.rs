@@ -12,6 +12,8 @@
 //! - [`ProtectGuard`]: `mprotect`s a range and puts back, on drop, the protection each part of
 //!   it had before.
 //! - [`LockGuard`]: `mlock`s a range and `munlock`s it on drop.
+//! - [`sigbus`]: the SIGBUS handler that turns a fault in file-backed guest memory whose file
+//!   was truncated under it into zero pages and a region that reports it, instead of a crash.
 //!
 //! The `/proc` files describe the process at the moment they are read: another thread that maps,
 //! unmaps or protects memory at the same time can make an answer stale as soon as it is
@@ -36,6 +38,7 @@
 mod guard;
 pub(crate) mod maps;
 mod page;
+pub mod sigbus;
 pub(crate) mod smaps;
 
 pub use guard::{LockGuard, ProtectGuard};

@@ -31,7 +31,7 @@ pub use options::{Backing, FileOffset, HugePageSize, Lock, MemfdOptions, NumaPol
 pub use reservation::Reservation;
 
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::sync::Arc;
 
 use crate::bitmap::{Bitmap, BitmapError, NewBitmap};
@@ -222,6 +222,8 @@ pub struct MmapRegion<B = ()> {
     policies: Policies,
     /// The (device, inode) of the file behind the mapping, from `fstat` at build time.
     file_id: Option<(u64, u64)>,
+    /// The region's entry in the SIGBUS recovery table (file-backed and hugetlb memory).
+    sigbus: Option<crate::host::sigbus::Registration>,
 }
 
 /// The per-range policies a region was built with.
@@ -313,6 +315,15 @@ impl<B> MmapRegion<B> {
     /// The (device, inode) of the file behind the region, if any.
     pub(crate) fn file_id(&self) -> Option<(u64, u64)> {
         self.file_id
+    }
+
+    /// Whether part of the region lost its backing: its file was truncated under the mapping
+    /// (by another holder of an unsealed file) or its hugetlb pool could not supply a page, and
+    /// the SIGBUS that followed was recovered by mapping zero pages there
+    /// ([`host::sigbus`](crate::host::sigbus)). Such memory no longer holds what was written to
+    /// it, and no longer writes through to its file: dumps of it fail.
+    pub fn backing_lost(&self) -> bool {
+        self.sigbus.as_ref().is_some_and(|r| r.lost())
     }
 
     /// Checks that `[offset, offset + len)` is a non-empty range inside the region, aligned to
@@ -489,6 +500,8 @@ fn hugetlb_map_flags(hugetlb: bool, page_size: usize) -> Option<MapFlags> {
 
 impl<B> Drop for MmapRegion<B> {
     fn drop(&mut self) {
+        // Out of the SIGBUS table before the range can be reused by anyone.
+        self.sigbus = None;
         match &self.ownership {
             Ownership::Owned { start, len } => {
                 // SAFETY: we own the mapping (guard pages included); everything borrowing it
@@ -561,6 +574,7 @@ pub struct MmapRegionBuilder<B = ()> {
     numa: Option<NumaPolicy>,
     reservation: Option<(Arc<Reservation>, usize)>,
     dirty_tracking: bool,
+    sigbus_recovery: bool,
     phantom: std::marker::PhantomData<B>,
 }
 
@@ -582,6 +596,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             numa: None,
             reservation: None,
             dirty_tracking: true,
+            sigbus_recovery: true,
             phantom: std::marker::PhantomData,
         }
     }
@@ -667,6 +682,17 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
     /// report it clean; types that cannot be off ignore it.
     pub fn dirty_tracking(mut self, on: bool) -> Self {
         self.dirty_tracking = on;
+        self
+    }
+
+    /// Whether a SIGBUS in the region (its file truncated under it by another holder, its
+    /// hugetlb pool run dry) is recovered by mapping zero pages there (default: yes, for file,
+    /// memfd and hugetlb memory; anonymous memory cannot fault so). See
+    /// [`host::sigbus`](crate::host::sigbus): the first such region installs a process-wide
+    /// handler that chains to the previous one. `false` leaves the region's faults to the
+    /// process's own SIGBUS disposition.
+    pub fn sigbus_recovery(mut self, on: bool) -> Self {
+        self.sigbus_recovery = on;
         self
     }
 
@@ -859,6 +885,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
                 lock: self.lock,
             },
             file_id,
+            sigbus: None,
         };
         let fd: Option<BorrowedFd<'_>> = region.file_offset.as_ref().map(|f| f.file().as_fd());
         let file_start = region.file_offset.as_ref().map_or(0, FileOffset::start);
@@ -881,6 +908,20 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
         region.addr = addr;
         if fixed_at.is_none() {
             region.ownership = Ownership::Owned { start: addr, len: self.size };
+        }
+        // Memory that faults with SIGBUS when its file shrinks (or its pool runs dry) takes
+        // part in the recovery of `host::sigbus`.
+        if self.sigbus_recovery && (region.file_offset.is_some() || hugetlb) {
+            let os = |op| move |source| MmapError::Os { op, source };
+            crate::host::sigbus::install().map_err(os("installing the SIGBUS handler"))?;
+            let (fd, file_start) = match &region.file_offset {
+                Some(fo) => (Some(fo.as_raw_fd()), fo.start()),
+                None => (None, 0),
+            };
+            region.sigbus = Some(
+                crate::host::sigbus::Registration::new(addr, self.size, fd, file_start, page_size, self.prot)
+                    .map_err(os("registering the region for SIGBUS recovery"))?,
+            );
         }
         region.apply_policies(self.populate)?;
         Ok(region)
@@ -922,6 +963,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             ownership: Ownership::Borrowed,
             policies: Policies::default(),
             file_id: None,
+            sigbus: None,
         })
     }
 }

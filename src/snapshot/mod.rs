@@ -205,6 +205,14 @@ pub enum SnapshotError {
         /// What the output is.
         input: &'static str,
     },
+    /// A region whose file was truncated under its mapping (see
+    /// [`MmapRegion::backing_lost`](crate::mmap::MmapRegion::backing_lost)): its memory no
+    /// longer holds what the guest wrote, so no snapshot of it is taken.
+    #[error("the region at {guest_addr} lost its backing file's pages (truncated under the mapping): its contents are gone")]
+    BackingLost {
+        /// The region's guest address.
+        guest_addr: GuestAddress,
+    },
     /// The dirty bitmap could not be harvested (a region without dirty tracking).
     #[error("dirty bitmap: {0}")]
     Dirty(#[from] BitmapError),
@@ -483,6 +491,9 @@ fn write_snapshot<B: Bitmap, W: SnapshotWriter + ?Sized>(
         if mem.iter().any(|r| r.mapping().file_id() == Some(id)) {
             return Err(SnapshotError::OutputIsInput { input: "the file backing the guest memory" });
         }
+    }
+    if let Some(r) = mem.iter().find(|r| r.backing_lost()) {
+        return Err(SnapshotError::BackingLost { guest_addr: r.start_addr() });
     }
     let mut stats = DumpStats { file_len: info.file_len, ..DumpStats::default() };
     // Truncate first: pages we skip must read as zeros, not as an older file's bytes.

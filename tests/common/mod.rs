@@ -161,6 +161,29 @@ pub fn in_child(test: &str, body: impl FnOnce()) {
     assert!(stdout.contains("1 passed"), "{test}: the child did not run the test\nstdout:\n{stdout}");
 }
 
+/// Runs `body` in a child process like [`in_child`], and requires that the child is killed by
+/// `signal` (a fault that nothing may recover, such as a SIGBUS outside guestmem's memory).
+pub fn in_child_killed_by(test: &str, signal: i32, body: impl FnOnce()) {
+    use std::os::unix::process::ExitStatusExt;
+    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        body();
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_ENV, test)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(signal),
+        "{test}: the child was not killed by signal {signal} ({})\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// This process's peak resident set size in bytes (`VmHWM` of `/proc/self/status`).
 pub fn peak_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
