@@ -329,13 +329,25 @@ fn corrupt_files_are_refused_before_memory_changes() {
     refused(&target, &write_copy(&bad), |e| {
         matches!(e, SnapshotError::UnsupportedVersion { found: 2, supported: 1 })
     });
-    // A flipped bit in the header, the table, and the checksum field itself.
-    for at in [16usize, 64 + 8, 64 + 48 + 32, 41] {
+    // A flipped bit in a field the layout does not depend on (a region's checksum, the header
+    // checksum itself): the header checksum finds it.
+    for at in [64 + 32, 64 + 48 + 32, 41] {
         let mut bad = good.clone();
         bad[at] ^= 0x10;
         let t = write_copy(&bad);
         refused(&target, &t, |e| matches!(e, SnapshotError::HeaderChecksum { .. }));
         assert!(matches!(snapshot::restore_mapped::<()>(&t), Err(SnapshotError::HeaderChecksum { .. })));
+    }
+    // In a field the layout is computed from (the region count, a region's length): the layout
+    // no longer adds up, which is checked before the rest of the header area is even read.
+    for at in [16usize, 64 + 8] {
+        let mut bad = good.clone();
+        bad[at] ^= 0x10;
+        let t = write_copy(&bad);
+        refused(&target, &t, |e| {
+            matches!(e, SnapshotError::InvalidLayout { .. } | SnapshotError::HeaderChecksum { .. })
+        });
+        assert!(snapshot::restore_mapped::<()>(&t).is_err());
     }
     // A flipped bit in the data of the last region: the first pass finds it, and nothing of
     // the regions before it was copied.
@@ -616,7 +628,7 @@ fn every_snapshot_error_variant_is_produced() {
     produced.push(snapshot::read_info(&tmp()).unwrap_err());
     produced.push(snapshot::read_info(&corrupt(0, &[good[0] ^ 1], false)).unwrap_err());
     produced.push(snapshot::read_info(&corrupt(8, &2u32.to_le_bytes(), false)).unwrap_err());
-    produced.push(snapshot::read_info(&corrupt(16, &[good[16] ^ 0x10], false)).unwrap_err());
+    produced.push(snapshot::read_info(&corrupt(64 + 32, &[good[64 + 32] ^ 0x10], false)).unwrap_err());
     produced.push(snapshot::read_info(&corrupt(12, &0x100u32.to_le_bytes(), true)).unwrap_err());
     let at = (info.regions[2].data_offset + 0x2005) as usize;
     produced.push(snapshot::verify(&corrupt(at, &[good[at] ^ 4], false)).unwrap_err());
