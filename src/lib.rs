@@ -13,8 +13,10 @@
 //! - [`address`], [`bytes`]: guest addresses, byte-valued types and the [`Bytes`] trait.
 //!
 //! No safe call can make the process crash or touch memory outside a mapping: every access is
-//! bounds checked, writes to read-only memory return an error, and guest memory is never
-//! turned into a Rust reference.
+//! bounds checked, writes to read-only memory return an error, and guest memory is turned into
+//! a Rust reference in one place only, the `&AtomicX` of an [`AtomicRef`] operation (see there
+//! for why that is sound). The README's "Guarantees" say precisely what holds, and what the
+//! kernel makes impossible to promise.
 //!
 //! ```
 //! use guestmem::{Bytes, VolatileMemory, VolatileSlice};
