@@ -176,6 +176,16 @@ pub enum MmapError {
     },
 }
 
+/// How [`MmapRegion::flush`] made writes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlushMethod {
+    /// `msync(MS_SYNC)` of the range.
+    Msync,
+    /// A write-back of every CPU cache line of the range with this instruction, then `SFENCE`
+    /// (a `MAP_SYNC` mapping of persistent memory).
+    CacheLines(sys::cpu::CacheWriteback),
+}
+
 /// What backs the memory, as discard needs to know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -224,6 +234,8 @@ pub struct MmapRegion<B = ()> {
     file_id: Option<(u64, u64)>,
     /// The region's entry in the SIGBUS recovery table (file-backed and hugetlb memory).
     sigbus: Option<crate::host::sigbus::Registration>,
+    /// Mapped with `MAP_SYNC` (a DAX file): writing cache lines back makes writes durable.
+    sync_faults: bool,
 }
 
 /// The per-range policies a region was built with.
@@ -343,6 +355,64 @@ impl<B> MmapRegion<B> {
             }
         }
         Ok(())
+    }
+
+    /// Makes the writes to `[offset, offset + len)` durable in the region's file (persistent
+    /// memory, or any file), returning how it did:
+    ///
+    /// - a region mapped with [`dax_sync`](MmapRegionBuilder::dax_sync) (`MAP_SYNC` on DAX):
+    ///   each CPU cache line of the range is written back (`CLWB`, else `CLFLUSHOPT`, else
+    ///   `CLFLUSH`, whichever the CPU has) and fenced: nothing else is needed there;
+    /// - any other shared file mapping (DAX without `MAP_SYNC`, a regular file, a memfd):
+    ///   `msync(MS_SYNC)` of the range, which writes the pages back (and, on DAX, the metadata).
+    ///
+    /// `offset` and `len` must be multiples of [`flush_granule`](Self::flush_granule) (the page
+    /// size for `msync`, the cache line for a write-back), inside the region
+    /// ([`MmapError::Unaligned`], [`MmapError::OutOfRange`]); anonymous and private mappings reach
+    /// no file ([`MmapError::InvalidOption`]).
+    ///
+    /// ```
+    /// use guestmem::mmap::{Backing, FileOffset, FlushMethod, MmapRegionBuilder};
+    /// use guestmem::{Bytes, VolatileMemory};
+    /// let f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+    /// f.set_len(1 << 20).unwrap();
+    /// let r = MmapRegionBuilder::<()>::new(1 << 20)
+    ///     .backing(Backing::File { file: FileOffset::new(f, 0), shared: true })
+    ///     .build()
+    ///     .unwrap();
+    /// r.as_volatile_slice().write_obj(7u64, 0x1000).unwrap();
+    /// assert_eq!(r.flush(0x1000, 0x1000).unwrap(), FlushMethod::Msync);
+    /// assert!(r.flush(1, 0x1000).is_err());
+    /// ```
+    pub fn flush(&self, offset: usize, len: usize) -> Result<FlushMethod, MmapError> {
+        if self.kind != Kind::FileShared {
+            return Err(MmapError::InvalidOption {
+                option: "flush",
+                reason: "only a shared file mapping writes through to a file",
+            });
+        }
+        self.check_subrange(offset, len, self.flush_granule())?;
+        // SAFETY: offset < size (checked), so the pointer stays in the region.
+        let addr = unsafe { self.addr.add(offset) };
+        if self.sync_faults {
+            if let Some((how, line)) = sys::cpu::cache_writeback() {
+                // SAFETY: the CPU has `how` (CPUID); the range lies in our mapping (checked).
+                unsafe { sys::cpu::write_back(addr, len, how, line) };
+                return Ok(FlushMethod::CacheLines(how));
+            }
+        }
+        sys::msync(addr, len, sys::MsyncFlags::SYNC)
+            .map_err(|source| MmapError::Os { op: "msync", source })?;
+        Ok(FlushMethod::Msync)
+    }
+
+    /// The alignment [`flush`](Self::flush) needs: the cache line size for a region mapped
+    /// with `MAP_SYNC` (when the CPU can write lines back), the page size otherwise.
+    pub fn flush_granule(&self) -> usize {
+        match sys::cpu::cache_writeback() {
+            Some((_, line)) if self.sync_faults => line,
+            _ => sys::page_size(),
+        }
     }
 
     /// How many base pages of `[offset, offset + len)` are resident in RAM (`mincore(2)`;
@@ -575,6 +645,7 @@ pub struct MmapRegionBuilder<B = ()> {
     reservation: Option<(Arc<Reservation>, usize)>,
     dirty_tracking: bool,
     sigbus_recovery: bool,
+    dax_sync: bool,
     phantom: std::marker::PhantomData<B>,
 }
 
@@ -597,6 +668,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             reservation: None,
             dirty_tracking: true,
             sigbus_recovery: true,
+            dax_sync: false,
             phantom: std::marker::PhantomData,
         }
     }
@@ -693,6 +765,15 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
     /// process's own SIGBUS disposition.
     pub fn sigbus_recovery(mut self, on: bool) -> Self {
         self.sigbus_recovery = on;
+        self
+    }
+
+    /// Map a shared file backing with `MAP_SHARED_VALIDATE | MAP_SYNC` (default: no): allowed
+    /// only for files on a DAX filesystem or device (persistent memory), where it makes
+    /// [`MmapRegion::flush`] a write-back of CPU cache lines instead of an `msync(2)`. The
+    /// kernel refuses it for any other file ([`MmapError::OptionRefused`] naming `dax_sync`).
+    pub fn dax_sync(mut self, on: bool) -> Self {
+        self.dax_sync = on;
         self
     }
 
@@ -807,6 +888,15 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             }
         };
         check_multiple("size", self.size as u64, page_size)?;
+        if self.dax_sync {
+            if kind != Kind::FileShared || hugetlb {
+                return Err(MmapError::InvalidOption {
+                    option: "dax_sync",
+                    reason: "MAP_SYNC applies to shared mappings of a DAX file only",
+                });
+            }
+            flags = flags.difference(MapFlags::SHARED) | MapFlags::SHARED_VALIDATE | MapFlags::SYNC;
+        }
         if self.mergeable && kind != Kind::AnonPrivate {
             return Err(MmapError::InvalidOption {
                 option: "mergeable",
@@ -886,6 +976,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             },
             file_id,
             sigbus: None,
+            sync_faults: self.dax_sync,
         };
         let fd: Option<BorrowedFd<'_>> = region.file_offset.as_ref().map(|f| f.file().as_fd());
         let file_start = region.file_offset.as_ref().map_or(0, FileOffset::start);
@@ -900,6 +991,8 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
                 // The hugetlb pool is the usual reason: name the option.
                 return Err(if hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
                     MmapError::OptionRefused { option: "huge_pages", source }
+                } else if self.dax_sync && source.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    MmapError::OptionRefused { option: "dax_sync", source }
                 } else {
                     MmapError::Mmap { size: self.size, source }
                 });
@@ -964,6 +1057,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             policies: Policies::default(),
             file_id: None,
             sigbus: None,
+            sync_faults: false,
         })
     }
 }
