@@ -33,6 +33,8 @@ pub mod atomic;
 pub mod bitmap;
 pub mod bytes;
 pub mod checksum;
+#[cfg(feature = "vm-memory")]
+pub mod compat;
 pub mod dirty;
 #[cfg(test)]
 mod error_coverage;
