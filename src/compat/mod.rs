@@ -27,8 +27,9 @@
 //!
 //! vm-memory's `VolatileSlice` has no read-only mode: every slice can be written by safe code,
 //! and `GuestMemoryBackend::get_slice` takes no access mode. So the bridge never builds a
-//! vm-memory slice of read-only memory (one function, checked on every slice, turns guestmem
-//! slices into vm-memory ones and refuses read-only ones). The permission view answers an
+//! vm-memory slice of read-only memory: the permission view turns guestmem slices into
+//! vm-memory ones through one function that refuses read-only ones, and the backend view's
+//! region type exists only for writable regions. The permission view answers an
 //! access to a read-only region, for reading too, with vm-memory's `IOError` of kind
 //! `PermissionDenied` carrying [`Error::ReadOnlyAccess`]; the backend view cannot hold a
 //! read-only region at all ([`Error::ReadOnlyRegion`]).
@@ -84,7 +85,7 @@ pub use atomic::{AtomicView, ViewGuard};
 pub use bitmap::{BitmapFace, BridgeBitmap, SliceFace};
 pub use memory::GuestMemoryMmap;
 pub use region::GuestRegionMmap;
-pub use view::{PermissionView, Slices};
+pub use view::{OkSlices, PermissionView, Slices};
 
 use crate::{GuestAddress, GuestUsize};
 
@@ -161,8 +162,8 @@ fn check_placement(base: GuestAddress, size: usize) -> Result<(), Error> {
     Ok(())
 }
 
-/// The vm-memory slice over a guestmem slice, or `None` for a slice of read-only memory: the
-/// one place where the bridge makes vm-memory slices, so none is ever made of read-only memory.
+/// The vm-memory slice over a guestmem slice, or `None` for a slice of read-only memory: how
+/// the permission view makes its slices, so none is ever made of read-only memory.
 #[inline(always)]
 fn vm_slice<'a, B: BridgeBitmap>(
     s: crate::VolatileSlice<'a, crate::region::BS<'a, B>>,

@@ -7,7 +7,7 @@ use vm_memory::bitmap::BS as VmBS;
 use vm_memory::{GuestMemoryError as VmMemoryError, GuestMemoryRegionBytes};
 
 use super::bitmap::BridgeBitmap;
-use super::{check_placement, vm_slice, Error};
+use super::{check_placement, Error};
 use crate::bitmap::{Bitmap, NewBitmap};
 use crate::mmap::{Backing, MmapRegionBuilder};
 use crate::GuestMemoryRegion as _;
@@ -154,17 +154,27 @@ impl<B: BridgeBitmap> vm_memory::GuestMemoryRegion for GuestRegionMmap<B> {
         None
     }
 
+    /// Out of the region is vm-memory's `InvalidBackendAddress`, as for its own regions.
     #[inline]
     fn get_slice(
         &self,
         offset: vm_memory::MemoryRegionAddress,
         count: usize,
     ) -> vm_memory::GuestMemoryResult<vm_memory::VolatileSlice<'_, VmBS<'_, B::Face>>> {
-        // Out of the region is vm-memory's `InvalidBackendAddress`, as for its own regions.
-        let Ok(s) = crate::GuestMemoryRegion::get_slice(&self.0, offset.into(), count) else {
-            return Err(VmMemoryError::InvalidBackendAddress);
-        };
-        vm_slice::<B>(s).ok_or(VmMemoryError::InvalidBackendAddress)
+        // Checked here rather than through guestmem's slice: the fewer instructions, the more
+        // of vm-memory's generic access path the compiler inlines around this call.
+        match offset.0.checked_add(count as u64) {
+            Some(end) if end <= self.0.len() => {}
+            _ => return Err(VmMemoryError::InvalidBackendAddress),
+        }
+        let at = offset.0 as usize;
+        let bitmap = B::slice_face(self.0.bitmap().slice_at(at));
+        // SAFETY: `[at, at + count)` lies inside the region (checked above), whose mapping lives
+        // as long as the borrow of `self`; the region is writable (this type's invariant), so a
+        // vm-memory slice, which allows writes, is sound; guestmem and vm-memory access guest
+        // memory only with volatile accesses and raw copies, never through Rust references. The
+        // bitmap slice marks the region's guestmem bitmap at the slice's offset.
+        Ok(unsafe { vm_memory::VolatileSlice::with_bitmap(self.0.host_ptr().add(at), count, bitmap, None) })
     }
 
     fn is_hugetlbfs(&self) -> Option<bool> {

@@ -11,7 +11,7 @@ use vm_memory::{GuestMemoryError as VmMemoryError, Permissions};
 
 use super::bitmap::BridgeBitmap;
 use super::{vm_slice, Error, GuestMemoryMmap};
-use crate::{GuestAddress, GuestMemory as _, GuestMemoryError, GuestMemoryRegion as _, GuestSlice};
+use crate::{GuestAddress, GuestMemory as _, GuestMemoryRegion as _};
 
 /// Any guestmem memory, read-only regions included, seen as vm-memory's permission-aware
 /// [`GuestMemory`](vm_memory::GuestMemory) (and so, by vm-memory's blanket impl, as its
@@ -129,6 +129,12 @@ impl<B: BridgeBitmap> vm_memory::GuestMemory for PermissionView<B> {
 #[derive(Debug)]
 pub struct Slices<'a, B> {
     mem: &'a crate::GuestMemoryMmap<B>,
+    state: State,
+}
+
+/// Where a [`Slices`] walk is.
+#[derive(Clone, Copy, Debug)]
+struct State {
     addr: u64,
     left: usize,
     access: Permissions,
@@ -144,47 +150,41 @@ impl<'a, B: BridgeBitmap> Slices<'a, B> {
         count: usize,
         access: Permissions,
     ) -> Self {
-        Slices { mem, addr: addr.0, left: count, access, wrapped: false }
+        Slices { mem, state: State { addr: addr.0, left: count, access, wrapped: false } }
     }
 
-    /// The vm-memory slice of `s`, or (ending the iteration) the error for read-only memory.
-    #[inline(always)]
-    fn convert(&mut self, s: GuestSlice<'a, crate::GuestMemoryMmap<B>>) -> <Self as Iterator>::Item {
-        let len = s.len();
-        match vm_slice::<B>(s) {
-            Some(s) => Ok(s),
-            None => {
-                self.left = 0;
-                Err(read_only(GuestAddress(self.addr), len, self.access))
-            }
-        }
-    }
-
-    /// The part of the range in the region holding `addr`, when the range goes on past it.
+    /// Everything but a whole in-region range: a wrap past 2^64, a hole, read-only memory, a
+    /// range that goes on into the next region. Out of line, so the fast path stays small
+    /// enough for vm-memory's generic callers (`stop_on_error`, `Bytes`) to inline it; it takes
+    /// and returns the iterator's state by value, so the iterator never needs an address and
+    /// stays in registers on the fast path.
     #[cold]
     #[inline(never)]
-    fn next_across(&mut self) -> Option<<Self as Iterator>::Item> {
-        let addr = GuestAddress(self.addr);
-        let Some((region, offset)) = self.mem.to_region_addr(addr) else {
-            self.left = 0;
-            return Some(Err(VmMemoryError::InvalidGuestAddress(addr.into())));
-        };
-        let n = (self.left as u64).min(region.len() - offset.0) as usize;
-        let slice = match region.get_slice(offset, n) {
-            Ok(s) => self.convert(s),
-            Err(e) => {
-                self.left = 0;
-                Err(e.into())
-            }
-        };
-        if slice.is_ok() {
-            self.left -= n;
-            match self.addr.checked_add(n as u64) {
-                Some(next) => self.addr = next,
-                None => self.wrapped = self.left > 0,
-            }
+    fn slow(mem: &'a crate::GuestMemoryMmap<B>, state: State) -> (<Self as Iterator>::Item, State) {
+        // An error ends the iteration.
+        let end = State { left: 0, ..state };
+        let addr = GuestAddress(state.addr);
+        if state.wrapped {
+            // vm-memory would go on at address 0; the bridge stops, as guestmem does.
+            return (Err(VmMemoryError::GuestAddressOverflow), end);
         }
-        Some(slice)
+        let Some((region, offset)) = mem.to_region_addr(addr) else {
+            return (Err(VmMemoryError::InvalidGuestAddress(addr.into())), end);
+        };
+        let n = (state.left as u64).min(region.len() - offset.0) as usize;
+        let slice = match region.get_slice(offset, n) {
+            Ok(s) => s,
+            Err(e) => return (Err(e.into()), end),
+        };
+        let Some(slice) = vm_slice::<B>(slice) else {
+            return (Err(read_only(addr, n, state.access)), end);
+        };
+        let left = state.left - n;
+        let next = match state.addr.checked_add(n as u64) {
+            Some(next) => State { addr: next, left, ..state },
+            None => State { left, wrapped: left > 0, ..state },
+        };
+        (Ok(slice), next)
     }
 }
 
@@ -202,30 +202,60 @@ impl<'a, B: BridgeBitmap> Iterator for Slices<'a, B> {
 
     #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
-        if self.left == 0 {
+        let state = self.state;
+        if state.left == 0 {
             return None;
         }
-        if self.wrapped {
-            // vm-memory would go on at address 0; the bridge stops, as guestmem does.
-            self.left = 0;
-            return Some(Err(VmMemoryError::GuestAddressOverflow));
-        }
-        // The whole rest in one region: one lookup in the table.
-        match self.mem.get_slice(GuestAddress(self.addr), self.left) {
-            Ok(s) => {
-                let slice = self.convert(s);
-                self.left = 0;
-                Some(slice)
-            }
-            Err(GuestMemoryError::NotContiguous { .. }) => self.next_across(),
-            Err(_) => {
-                self.left = 0;
-                Some(Err(VmMemoryError::InvalidGuestAddress(vm_memory::GuestAddress(self.addr))))
+        // The whole rest in one writable region: one lookup in the table.
+        if !state.wrapped {
+            if let Ok(s) = self.mem.get_slice(GuestAddress(state.addr), state.left) {
+                if let Some(s) = vm_slice::<B>(s) {
+                    self.state.left = 0;
+                    return Some(Ok(s));
+                }
             }
         }
+        let (item, next) = Self::slow(self.mem, state);
+        self.state = next;
+        Some(item)
     }
 }
 
 impl<B: BridgeBitmap> FusedIterator for Slices<'_, B> {}
 
-impl<'a, B: BridgeBitmap> GuestMemorySliceIterator<'a, VmBS<'a, B::Face>> for Slices<'a, B> {}
+impl<'a, B: BridgeBitmap> GuestMemorySliceIterator<'a, VmBS<'a, B::Face>> for Slices<'a, B> {
+    /// vm-memory's meaning (an error first is the error; past the first slice, the slices up to
+    /// an error), without the `Peekable` of the provided method: every `Bytes` access through
+    /// the view goes through here, and this form inlines into it.
+    #[inline(always)]
+    fn stop_on_error(
+        mut self,
+    ) -> vm_memory::GuestMemoryResult<impl Iterator<Item = vm_memory::VolatileSlice<'a, VmBS<'a, B::Face>>>>
+    {
+        let first = self.next().transpose()?;
+        Ok(OkSlices { first, rest: self })
+    }
+}
+
+/// What [`Slices::stop_on_error`] yields: the first slice, then the others up to an error.
+///
+/// A plain `next` (no `Chain`, no `Peekable`), so that vm-memory's generic `Bytes` code that
+/// folds over it inlines the whole walk and keeps the slices in registers.
+#[derive(Debug)]
+pub struct OkSlices<'a, B: BridgeBitmap> {
+    first: Option<vm_memory::VolatileSlice<'a, VmBS<'a, B::Face>>>,
+    rest: Slices<'a, B>,
+}
+
+impl<'a, B: BridgeBitmap> Iterator for OkSlices<'a, B> {
+    type Item = vm_memory::VolatileSlice<'a, VmBS<'a, B::Face>>;
+
+    #[inline(always)]
+    fn next(&mut self) -> Option<Self::Item> {
+        match self.first.take() {
+            Some(s) => Some(s),
+            // `rest` ends after its error, so this stops where vm-memory's would.
+            None => self.rest.next()?.ok(),
+        }
+    }
+}
