@@ -114,14 +114,12 @@ pub enum Error {
     },
     /// An access through the [`PermissionView`] that reaches read-only memory (carried in
     /// vm-memory's `IOError` of kind `PermissionDenied`).
-    #[error("{access} of {len:#x} bytes at {addr} reaches read-only memory, which vm-memory's always-writable slices cannot show")]
+    #[error("access of {len:#x} bytes at {addr} reaches read-only memory, which vm-memory's always-writable slices cannot show")]
     ReadOnlyAccess {
         /// Where the part of the access in read-only memory starts.
         addr: GuestAddress,
         /// Its length.
         len: usize,
-        /// `"read"` or `"write"`.
-        access: &'static str,
     },
     /// `from_regions` of no region (vm-memory refuses it too).
     #[error("no memory region was given")]

@@ -97,10 +97,11 @@ impl<B: BridgeBitmap> vm_memory::GuestMemory for PermissionView<B> {
     type Bitmap = B::Face;
 
     /// Whether every byte of the range is backed by memory that the view can hand out (not
-    /// read-only); an empty range always is, as in vm-memory.
+    /// read-only); an empty range always is, as in vm-memory. The access mode does not change
+    /// the answer: read-only memory is refused for every access (see the type's docs).
     #[inline]
-    fn check_range(&self, addr: vm_memory::GuestAddress, count: usize, access: Permissions) -> bool {
-        Slices::new(&self.0, addr, count, access).all(|s| s.is_ok())
+    fn check_range(&self, addr: vm_memory::GuestAddress, count: usize, _access: Permissions) -> bool {
+        Slices::new(&self.0, addr, count).all(|s| s.is_ok())
     }
 
     #[inline(always)]
@@ -108,9 +109,9 @@ impl<B: BridgeBitmap> vm_memory::GuestMemory for PermissionView<B> {
         &'a self,
         addr: vm_memory::GuestAddress,
         count: usize,
-        access: Permissions,
+        _access: Permissions,
     ) -> vm_memory::GuestMemoryResult<impl GuestMemorySliceIterator<'a, VmBS<'a, B::Face>>> {
-        Ok(Slices::new(&self.0, addr, count, access))
+        Ok(Slices::new(&self.0, addr, count))
     }
 
     /// The backend view of the same memory when it has no read-only region, else `None`.
@@ -121,79 +122,64 @@ impl<B: BridgeBitmap> vm_memory::GuestMemory for PermissionView<B> {
 
 /// The slices of a guest range through a [`PermissionView`], one per region crossed, as
 /// vm-memory's `GuestMemory::get_slices` promises: they add up to the range, or the iterator
-/// yields one error (where the range leaves memory, reaches read-only memory, or would wrap
-/// past 2^64) and then ends.
+/// yields one error (where the range leaves memory or reaches read-only memory) and then ends.
+/// A range that would wrap past 2^64 is refused before any slice (vm-memory would go on at
+/// address 0).
 ///
 /// A range inside one region (every virtqueue access) is one lookup in guestmem's table; the
-/// walk across regions is the cold path.
+/// walk across regions is the cold path. Three words, like vm-memory's own iterator, so that
+/// copies of it stay cheap in the consumers' loops.
 #[derive(Debug)]
 pub struct Slices<'a, B> {
     mem: &'a crate::GuestMemoryMmap<B>,
-    state: State,
-}
-
-/// Where a [`Slices`] walk is.
-#[derive(Clone, Copy, Debug)]
-struct State {
     addr: u64,
     left: usize,
-    access: Permissions,
-    /// The last slice ended at 2^64 with bytes left.
-    wrapped: bool,
 }
 
 impl<'a, B: BridgeBitmap> Slices<'a, B> {
     #[inline(always)]
-    fn new(
-        mem: &'a crate::GuestMemoryMmap<B>,
-        addr: vm_memory::GuestAddress,
-        count: usize,
-        access: Permissions,
-    ) -> Self {
-        Slices { mem, state: State { addr: addr.0, left: count, access, wrapped: false } }
+    fn new(mem: &'a crate::GuestMemoryMmap<B>, addr: vm_memory::GuestAddress, count: usize) -> Self {
+        Slices { mem, addr: addr.0, left: count }
     }
 
     /// Everything but a whole in-region range: a wrap past 2^64, a hole, read-only memory, a
     /// range that goes on into the next region. Out of line, so the fast path stays small
     /// enough for vm-memory's generic callers (`stop_on_error`, `Bytes`) to inline it; it takes
-    /// and returns the iterator's state by value, so the iterator never needs an address and
-    /// stays in registers on the fast path.
+    /// and returns the walk's state by value, so the iterator never needs an address and stays
+    /// in registers on the fast path. Returns the item, the next address and the bytes left.
     #[cold]
     #[inline(never)]
-    fn slow(mem: &'a crate::GuestMemoryMmap<B>, state: State) -> (<Self as Iterator>::Item, State) {
-        // An error ends the iteration.
-        let end = State { left: 0, ..state };
-        let addr = GuestAddress(state.addr);
-        if state.wrapped {
-            // vm-memory would go on at address 0; the bridge stops, as guestmem does.
-            return (Err(VmMemoryError::GuestAddressOverflow), end);
+    fn slow(
+        mem: &'a crate::GuestMemoryMmap<B>,
+        addr: u64,
+        left: usize,
+    ) -> (<Self as Iterator>::Item, u64, usize) {
+        // An error ends the iteration (0 bytes left). `addr + left` is the same at every step.
+        if u128::from(addr) + left as u128 > 1 << 64 {
+            return (Err(VmMemoryError::GuestAddressOverflow), addr, 0);
         }
-        let Some((region, offset)) = mem.to_region_addr(addr) else {
-            return (Err(VmMemoryError::InvalidGuestAddress(addr.into())), end);
+        let at = GuestAddress(addr);
+        let Some((region, offset)) = mem.to_region_addr(at) else {
+            return (Err(VmMemoryError::InvalidGuestAddress(at.into())), addr, 0);
         };
-        let n = (state.left as u64).min(region.len() - offset.0) as usize;
+        let n = (left as u64).min(region.len() - offset.0) as usize;
         let slice = match region.get_slice(offset, n) {
             Ok(s) => s,
-            Err(e) => return (Err(e.into()), end),
+            Err(e) => return (Err(e.into()), addr, 0),
         };
         let Some(slice) = vm_slice::<B>(slice) else {
-            return (Err(read_only(addr, n, state.access)), end);
+            return (Err(read_only(at, n)), addr, 0);
         };
-        let left = state.left - n;
-        let next = match state.addr.checked_add(n as u64) {
-            Some(next) => State { addr: next, left, ..state },
-            None => State { left, wrapped: left > 0, ..state },
-        };
-        (Ok(slice), next)
+        // No wrap: checked above (a range may end exactly at 2^64, then nothing is left).
+        (Ok(slice), addr.wrapping_add(n as u64), left - n)
     }
 }
 
 /// vm-memory's error for an access to read-only memory through the view.
-fn read_only(addr: GuestAddress, len: usize, access: Permissions) -> VmMemoryError {
-    let access = if access.has_write() { "write" } else { "read" };
+fn read_only(addr: GuestAddress, len: usize) -> VmMemoryError {
     VmMemoryError::IOError(io::Error::new(
         io::ErrorKind::PermissionDenied,
-        Error::ReadOnlyAccess { addr, len, access },
+        Error::ReadOnlyAccess { addr, len },
     ))
 }
 
@@ -202,21 +188,18 @@ impl<'a, B: BridgeBitmap> Iterator for Slices<'a, B> {
 
     #[inline(always)]
     fn next(&mut self) -> Option<Self::Item> {
-        let state = self.state;
-        if state.left == 0 {
+        if self.left == 0 {
             return None;
         }
         // The whole rest in one writable region: one lookup in the table.
-        if !state.wrapped {
-            if let Ok(s) = self.mem.get_slice(GuestAddress(state.addr), state.left) {
-                if let Some(s) = vm_slice::<B>(s) {
-                    self.state.left = 0;
-                    return Some(Ok(s));
-                }
+        if let Ok(s) = self.mem.get_slice(GuestAddress(self.addr), self.left) {
+            if let Some(s) = vm_slice::<B>(s) {
+                self.left = 0;
+                return Some(Ok(s));
             }
         }
-        let (item, next) = Self::slow(self.mem, state);
-        self.state = next;
+        let (item, addr, left) = Self::slow(self.mem, self.addr, self.left);
+        (self.addr, self.left) = (addr, left);
         Some(item)
     }
 }
