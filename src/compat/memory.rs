@@ -45,7 +45,7 @@ use crate::{GuestAddress, GuestMemory as _, GuestMemoryError, GuestMemoryRegion 
 /// assert_eq!(mem.last_addr(), GuestAddress(0x2ffff));
 /// assert!(mem.find_region(GuestAddress(0x18000)).is_none());
 /// // The guestmem memory underneath, for guestmem's API.
-/// assert_eq!(mem.guestmem().num_regions(), 2);
+/// assert_eq!(mem.guestmem().regions().len(), 2);
 /// ```
 #[derive(Debug)]
 #[repr(transparent)]
@@ -100,7 +100,7 @@ impl<B: Bitmap> GuestMemoryMmap<B> {
     /// let mem = GuestMemoryMmap::from_regions(vec![ram, rom]).unwrap();
     /// assert!(matches!(compat::GuestMemoryMmap::from_guestmem(&mem), Err(compat::Error::ReadOnlyRegion { .. })));
     /// // Left out instead: a new memory of the writable regions.
-    /// assert_eq!(compat::GuestMemoryMmap::writable_part(&mem).guestmem().num_regions(), 1);
+    /// assert_eq!(compat::GuestMemoryMmap::writable_part(&mem).guestmem().regions().len(), 1);
     /// ```
     pub fn from_guestmem(mem: &crate::GuestMemoryMmap<B>) -> Result<&Self, Error> {
         for r in mem.regions() {
