@@ -35,6 +35,8 @@ pub mod atomic;
 pub mod bitmap;
 pub mod bytes;
 pub mod checksum;
+#[cfg(feature = "vm-memory")]
+pub mod compat;
 pub mod dirty;
 pub mod host;
 #[cfg(feature = "kvm")]

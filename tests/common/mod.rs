@@ -1,6 +1,6 @@
 //! Test support shared by the integration tests: resources a test may need (huge pages, a
 //! hugetlbfs mount, /dev/kvm), skipped with a printed reason when missing, or failed when
-//! `GUESTMEM_REQUIRE` names them (CI sets `GUESTMEM_REQUIRE=kvm,hugetlb`).
+//! `GUESTMEM_REQUIRE` names them (CI sets `GUESTMEM_REQUIRE=kvm,hugetlb,blockdev,kernel`).
 
 #![allow(dead_code)]
 
