@@ -44,6 +44,7 @@ pub mod kvm;
 pub mod memory;
 pub mod migration;
 pub mod mmap;
+pub mod plug;
 mod pod;
 pub mod region;
 pub mod snapshot;

@@ -743,3 +743,79 @@ fn guest_memfd_regions_are_guest_ram() {
     let e = other.register(&Mem::from_regions(vec![foreign]).unwrap()).unwrap_err();
     assert!(matches!(e, KvmError::Ioctl { op: "KVM_SET_USER_MEMORY_REGION", .. }), "{e}");
 }
+
+/// virtio-mem plug state with real KVM (issue 13, part 4): one memslot per block group with a
+/// plugged block; a guest's writes into plugged blocks reach the device's memory and its dirty
+/// bits; a block unplugged inside a live group is fenced (the guest touching it makes `KVM_RUN`
+/// fail, never reaches other memory); a group whose last block goes loses its slot first, and
+/// only then its fence goes up; plugging brings slot and zero memory back.
+#[test]
+fn plug_state_follows_block_groups_in_kvm() {
+    use guestmem::plug::{PlugBacking, PlugConfig, PlugDevice};
+    let Some(mut vm) = vm("plug_state_follows_block_groups_in_kvm") else { return };
+    const DEV: u64 = 0x8000_0000;
+    const BLOCK: u64 = 2 << 20;
+    let dev = PlugDevice::<AtomicBitmap>::new(PlugConfig {
+        guest_base: GuestAddress(DEV),
+        size: 64 << 20,
+        block_size: BLOCK,
+        group_size: 16 << 20,
+        backing: PlugBacking::Anonymous,
+    })
+    .unwrap();
+    let ram = Mem::from_regions(vec![anon(0, 1 << 20)]).unwrap();
+    let mut slots = slots_on(&vm, true);
+    vm.add_vcpu().unwrap();
+    let at = |b: u64, off: u64| DEV + b * BLOCK + off;
+    let mem = {
+        let m = dev.plug(&ram, 0, 3).unwrap();
+        dev.plug(&m, 8, 1).unwrap()
+    };
+    slots.register(&mem).unwrap();
+    let groups = |s: &Slots| s.slots().filter(|x| x.1 .0 >= DEV).map(|x| (x.1, x.2)).collect::<Vec<_>>();
+    assert_eq!(groups(&slots), [(GuestAddress(DEV), 16 << 20), (GuestAddress(DEV + (16 << 20)), 16 << 20)]);
+    mem.take_dirty_ranges(|_, _| {}).unwrap();
+    kvm_guest::run_writes(
+        vm.vcpu(0).unwrap(),
+        CODE_GPA,
+        &[(at(0, 8), 1), (at(2, 0x3000), 2), (at(8, 16), 3)],
+        &mut loader(&mem),
+    )
+    .unwrap();
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 2);
+    slots.sync_dirty_log().unwrap();
+    let dirty = harvest(&mem);
+    for gpa in [at(0, 8), at(2, 0x3000), at(8, 16)] {
+        assert!(dirty.contains(&(gpa / PAGE)), "{gpa:#x} not in the harvest");
+    }
+    // Unplug block 1 inside group 0: the group keeps its slot, the block is fenced once the old
+    // memory goes, and a guest write there fails instead of landing anywhere.
+    let next = dev.unplug(&mem, 1, 1).unwrap();
+    slots.register(&next).unwrap();
+    assert_eq!(groups(&slots).len(), 2);
+    drop(mem);
+    assert!(dev.is_fenced(1));
+    let r = kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(at(1, 8), 9)], &mut loader(&next));
+    assert!(r.is_err(), "a guest write to an unplugged, fenced block succeeded");
+    assert_eq!(next.read_obj::<u8>(GuestAddress(at(0, 8))).unwrap(), 1);
+    // Group 0 empties: its slot goes before its fence is up.
+    let empty0 = dev.unplug(&next, 0, 1).unwrap();
+    let empty0 = {
+        let m = dev.unplug(&empty0, 2, 1).unwrap();
+        drop(empty0);
+        m
+    };
+    drop(next);
+    assert!(!dev.is_fenced(0), "fenced while KVM still has the group's slot");
+    slots.register(&empty0).unwrap();
+    assert_eq!(groups(&slots), [(GuestAddress(DEV + (16 << 20)), 16 << 20)]);
+    assert!(dev.is_fenced(0) && dev.is_fenced(2));
+    // Plug again: the slot comes back, the memory is zeros, and the guest can write it.
+    let back = dev.plug(&empty0, 2, 1).unwrap();
+    drop(empty0);
+    slots.register(&back).unwrap();
+    assert_eq!(groups(&slots).len(), 2);
+    assert_eq!(back.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 0);
+    kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(at(2, 0x3000), 7)], &mut loader(&back)).unwrap();
+    assert_eq!(back.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 7);
+}

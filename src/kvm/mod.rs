@@ -496,20 +496,31 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
     }
 
     /// Makes KVM's slots match `mem`: regions that left lose their slot, new regions get one.
+    /// A region that is part of a block group ([`GuestRegionMmap::kvm_group`], a plug-state
+    /// device) is mapped through its group: one slot per group.
     ///
     /// Everything that can be checked is checked before the first ioctl (slot numbers, bitmaps
     /// that can take KVM's bits, buffers); slots are deleted before new ones are created, so a
     /// guest range a removed region left can be reused at once. If an ioctl fails part-way, the
     /// slots already changed stay changed and the list matches KVM exactly.
     pub fn register(&mut self, mem: &GuestMemoryMmap<B>) -> Result<()> {
+        // What KVM maps: each region, or the block group it belongs to (one slot for a group of
+        // a plug-state device, however its plugged blocks split into regions).
+        let mut wanted: Vec<&Arc<GuestRegionMmap<B>>> = Vec::with_capacity(mem.regions().len());
+        for r in mem.regions() {
+            let r = r.kvm_group().unwrap_or(r);
+            if !wanted.iter().any(|w| Arc::ptr_eq(w, r)) {
+                wanted.push(r);
+            }
+        }
         let leaving: Vec<u32> = self
             .slots
             .iter()
-            .filter(|s| !mem.regions().iter().any(|r| Arc::ptr_eq(r, &s.region)))
+            .filter(|s| !wanted.iter().any(|r| Arc::ptr_eq(r, &s.region)))
             .map(|s| s.id())
             .collect();
         let arriving: Vec<&Arc<GuestRegionMmap<B>>> =
-            mem.regions().iter().filter(|r| !self.slots.iter().any(|s| Arc::ptr_eq(&s.region, r))).collect();
+            wanted.into_iter().filter(|r| !self.slots.iter().any(|s| Arc::ptr_eq(&s.region, r))).collect();
         // Numbers for the new slots: free, not retired, in range (the leaving ones are free
         // once deleted, unless the ring is on, when they are retired until the next reap).
         let ring = self.ring_bytes.is_some();

@@ -209,6 +209,16 @@ enum Ownership {
     InReservation { reservation: Arc<Reservation>, offset: usize },
     /// Adopted with `build_raw`: not ours to unmap.
     Borrowed,
+    /// A view of part of a larger mapping someone else owns (a plug-state device): told when
+    /// the view goes, never unmapped by it.
+    View(Arc<dyn ViewOwner>),
+}
+
+/// The owner of a mapping that regions are views of: told when a view is dropped, so it can
+/// fence or free the memory no view covers any more.
+pub(crate) trait ViewOwner: Send + Sync + std::fmt::Debug {
+    /// The view of `[addr, addr + len)` is gone: nothing accesses the range through it.
+    fn released(&self, addr: *mut u8, len: usize);
 }
 
 /// One contiguous mapping of guest memory, with a dirty bitmap `B` sized for it.
@@ -283,9 +293,10 @@ impl<B> MmapRegion<B> {
         self.flags
     }
 
-    /// Whether the region unmaps its memory when dropped (false for `build_raw`).
+    /// Whether the region unmaps its memory when dropped (false for `build_raw`, and for the
+    /// views a plug-state device makes of its memory).
     pub fn owned(&self) -> bool {
-        !matches!(self.ownership, Ownership::Borrowed)
+        !matches!(self.ownership, Ownership::Borrowed | Ownership::View(_))
     }
 
     /// The backing's real page size: the huge page size for hugetlb memory, otherwise the base
@@ -579,6 +590,7 @@ impl<B> Drop for MmapRegion<B> {
                 let _ = unsafe { sys::munmap(*start, *len) };
             }
             Ownership::InReservation { reservation, offset } => reservation.release(*offset),
+            Ownership::View(owner) => owner.released(self.addr, self.size),
             Ownership::Borrowed => {}
         }
     }
@@ -1148,5 +1160,56 @@ impl<B> MmapRegion<B> {
                 }),
             })
         })
+    }
+}
+
+/// How a view of a device mapping is backed.
+#[derive(Clone, Debug)]
+pub(crate) enum ViewBacking {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A shared mapping of this file, from this offset.
+    File(FileOffset),
+}
+
+impl<B> MmapRegion<B> {
+    /// A region over `[addr, addr + size)`, part of a mapping that `owner` owns and keeps
+    /// mapped, read-write, with `bitmap` (sized for `size`).
+    ///
+    /// # Safety
+    /// `[addr, addr + size)` must be mapped read-write, backed as `backing` says, for as long as
+    /// the region lives (the owner may change it only after `released` was called for it), and
+    /// nothing may make Rust references to it.
+    pub(crate) unsafe fn view(
+        addr: *mut u8,
+        size: usize,
+        bitmap: B,
+        backing: ViewBacking,
+        owner: Arc<dyn ViewOwner>,
+    ) -> MmapRegion<B> {
+        let (file_offset, flags, kind) = match backing {
+            ViewBacking::Anonymous => {
+                (None, MapFlags::PRIVATE | MapFlags::ANONYMOUS | MapFlags::NORESERVE, Kind::AnonPrivate)
+            }
+            ViewBacking::File(fo) => (Some(fo), MapFlags::SHARED, Kind::FileShared),
+        };
+        let file_id =
+            file_offset.as_ref().and_then(|fo| sys::fstat(fo.as_fd()).ok()).map(|st| (st.dev, st.ino));
+        MmapRegion {
+            addr,
+            size,
+            bitmap,
+            file_offset,
+            prot: Protection::READ_WRITE,
+            flags,
+            page_size: sys::page_size(),
+            hugetlbfs: false,
+            kind,
+            ownership: Ownership::View(owner),
+            policies: Policies::default(),
+            file_id,
+            sigbus: None,
+            sync_faults: false,
+        }
     }
 }
