@@ -27,7 +27,9 @@ use std::sync::atomic::Ordering;
 
 use crate::bitmap::BitmapSlice;
 pub(crate) use crate::pod::{le_u32, le_u64, put_le_u32, put_le_u64};
-pub use crate::pod::{AtomicAccess, AtomicInteger, Be16, Be32, Be64, ByteValued, Le16, Le32, Le64};
+pub use crate::pod::{
+    AtomicAccess, AtomicInteger, Be16, Be32, Be64, BeSize, ByteValued, Le16, Le32, Le64, LeSize,
+};
 use crate::volatile::{copy, ReadVolatile, Result as VResult, VolatileError, VolatileSlice, WriteVolatile};
 
 /// Reading and writing bytes and values at addresses of type `A`.

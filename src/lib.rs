@@ -54,7 +54,9 @@ pub mod volatile;
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};
 pub use atomic::{GuestMemoryAtomic, GuestMemoryExclusiveGuard, GuestMemoryGuard, MemoryCache};
 pub use bitmap::AtomicBitmap;
-pub use bytes::{AtomicAccess, AtomicInteger, Be16, Be32, Be64, ByteValued, Bytes, Le16, Le32, Le64};
+pub use bytes::{
+    AtomicAccess, AtomicInteger, Be16, Be32, Be64, BeSize, ByteValued, Bytes, Le16, Le32, Le64, LeSize,
+};
 pub use dirty::DirtyRate;
 pub use memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap, GuestMemorySlices, GuestSlice};
 pub use region::{GuestMemoryRegion, GuestRegionMmap};
