@@ -276,7 +276,7 @@ mod tests {
         }
         assert_eq!(a & 0b1000, MemoryRegionAddress(8));
         assert_eq!(a | 0b0101, MemoryRegionAddress(15));
-        assert_eq!(GuestAddress(u64::MAX) & 0, GuestAddress(0));
+        assert_eq!(GuestAddress(u64::MAX) & 0xff00, GuestAddress(0xff00));
     }
 
     #[test]

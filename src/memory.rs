@@ -65,12 +65,9 @@ pub trait GuestMemory {
         self.iter().map(GuestMemoryRegion::last_addr).max().unwrap_or_default()
     }
 
-    /// Whether every byte of `[base, base + len)` is backed by memory (`len == 0`: whether
-    /// `base` is).
+    /// Whether every byte of `[base, base + len)` is backed by memory. An empty range always
+    /// is, wherever it starts (as in vm-memory; see [`Bytes`]' bounds).
     fn check_range(&self, base: GuestAddress, len: usize) -> bool {
-        if len == 0 {
-            return self.to_region_addr(base).is_some();
-        }
         self.get_slices(base, len).all(|s| s.is_ok())
     }
 
@@ -117,17 +114,13 @@ pub trait GuestMemory {
     }
 
     /// Checks that the whole of `[addr, addr + len)` is backed by memory and, for a write,
-    /// writable, before anything is touched.
+    /// writable, before anything is touched. An empty range passes wherever it starts.
     fn check_access(&self, addr: GuestAddress, len: usize, write: bool) -> Result<()> {
-        let mut slices = self.get_slices(addr, len);
-        for s in &mut slices {
+        for s in self.get_slices(addr, len) {
             let s = s?;
             if write && !s.is_writable() {
                 return Err(GuestMemoryError::ReadOnly { addr, len });
             }
-        }
-        if len == 0 && self.to_region_addr(addr).is_none() {
-            return Err(GuestMemoryError::InvalidGuestAddress(addr));
         }
         Ok(())
     }
@@ -190,8 +183,12 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
     type E = GuestMemoryError;
 
     /// Writes as much of `buf` as guest memory holds contiguously from `addr`, stopping at a
-    /// hole or a read-only region; fails only if nothing could be written.
+    /// hole or a read-only region; fails if nothing could be written (`addr` in no region,
+    /// or read-only). An empty `buf` is `Ok(0)` at any address.
     fn write(&self, buf: &[u8], addr: GuestAddress) -> Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         let mut done = 0;
         for s in self.get_slices(addr, buf.len()) {
             let s = match s {
@@ -203,15 +200,15 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
             let n = s.write(&buf[done..], 0).map_err(|e| GuestMemoryError::from_volatile(addr, e))?;
             done += n;
         }
-        if done == 0 && self.to_region_addr(addr).is_none() {
-            return Err(GuestMemoryError::InvalidGuestAddress(addr));
-        }
         Ok(done)
     }
 
-    /// Reads as much as guest memory holds contiguously from `addr`; fails only if nothing
-    /// could be read.
+    /// Reads as much as guest memory holds contiguously from `addr`; fails if nothing could
+    /// be read (`addr` in no region). An empty `buf` is `Ok(0)` at any address.
     fn read(&self, buf: &mut [u8], addr: GuestAddress) -> Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
         let mut done = 0;
         for s in self.get_slices(addr, buf.len()) {
             let s = match s {
@@ -220,9 +217,6 @@ impl<M: GuestMemory + ?Sized> Bytes<GuestAddress> for M {
                 Err(_) => break,
             };
             done += s.read(&mut buf[done..], 0).map_err(|e| GuestMemoryError::from_volatile(addr, e))?;
-        }
-        if done == 0 && self.to_region_addr(addr).is_none() {
-            return Err(GuestMemoryError::InvalidGuestAddress(addr));
         }
         Ok(done)
     }

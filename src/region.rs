@@ -148,6 +148,32 @@ pub enum GuestMemoryError {
         /// Why.
         source: MmapError,
     },
+    /// A region-relative transfer that stopped early, from a provided method of
+    /// [`Bytes<MemoryRegionAddress>`](crate::Bytes) (a region type that implements only the
+    /// primitives; guestmem's regions name the guest address instead, as `PartialBuffer`).
+    #[error("transfer at region offset {offset} stopped after {completed:#x} of {expected:#x} bytes")]
+    PartialRegionBuffer {
+        /// Where the transfer started, in the region.
+        offset: MemoryRegionAddress,
+        /// Bytes it had to move.
+        expected: usize,
+        /// Bytes it moved.
+        completed: usize,
+    },
+}
+
+/// A short transfer by guest address.
+impl From<crate::bytes::PartialBuffer<GuestAddress>> for GuestMemoryError {
+    fn from(p: crate::bytes::PartialBuffer<GuestAddress>) -> Self {
+        GuestMemoryError::PartialBuffer { addr: p.addr, expected: p.expected, completed: p.completed }
+    }
+}
+
+/// A short transfer by region offset.
+impl From<crate::bytes::PartialBuffer<MemoryRegionAddress>> for GuestMemoryError {
+    fn from(p: crate::bytes::PartialBuffer<MemoryRegionAddress>) -> Self {
+        GuestMemoryError::PartialRegionBuffer { offset: p.addr, expected: p.expected, completed: p.completed }
+    }
 }
 
 impl GuestMemoryError {

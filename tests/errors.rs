@@ -180,6 +180,50 @@ fn mmap_error() {
     assert!(matches!(raw, Err(MmapError::ZeroSize)));
 }
 
+/// A window on a region that implements only the primitives of `Bytes`.
+struct Window<'a>(&'a GuestRegionMmap);
+
+impl Bytes<MemoryRegionAddress> for Window<'_> {
+    type E = GuestMemoryError;
+    fn write(&self, buf: &[u8], at: MemoryRegionAddress) -> Result<usize, GuestMemoryError> {
+        self.0.write(buf, at)
+    }
+    fn read(&self, buf: &mut [u8], at: MemoryRegionAddress) -> Result<usize, GuestMemoryError> {
+        self.0.read(buf, at)
+    }
+    fn read_volatile_from<F: ReadVolatile + ?Sized>(
+        &self,
+        at: MemoryRegionAddress,
+        src: &mut F,
+        n: usize,
+    ) -> Result<usize, GuestMemoryError> {
+        self.0.read_volatile_from(at, src, n)
+    }
+    fn write_volatile_to<F: guestmem::WriteVolatile + ?Sized>(
+        &self,
+        at: MemoryRegionAddress,
+        dst: &mut F,
+        n: usize,
+    ) -> Result<usize, GuestMemoryError> {
+        self.0.write_volatile_to(at, dst, n)
+    }
+    fn store<T: guestmem::AtomicAccess>(
+        &self,
+        v: T,
+        at: MemoryRegionAddress,
+        o: Ordering,
+    ) -> Result<(), GuestMemoryError> {
+        self.0.store(v, at, o)
+    }
+    fn load<T: guestmem::AtomicAccess>(
+        &self,
+        at: MemoryRegionAddress,
+        o: Ordering,
+    ) -> Result<T, GuestMemoryError> {
+        self.0.load(at, o)
+    }
+}
+
 #[test]
 fn guest_memory_error() {
     let name = |e: &GuestMemoryError| match e {
@@ -197,6 +241,7 @@ fn guest_memory_error() {
         GuestMemoryError::RegionAlias { .. } => "RegionAlias",
         GuestMemoryError::NoRegionAt(_) => "NoRegionAt",
         GuestMemoryError::Mmap { .. } => "Mmap",
+        GuestMemoryError::PartialRegionBuffer { .. } => "PartialRegionBuffer",
     };
     let top = u64::MAX - 0xfff;
     let mem = GuestMemoryMmap::<()>::from_regions(vec![
@@ -234,6 +279,9 @@ fn guest_memory_error() {
             let b = GuestRegionMmap::build(b, GuestAddress(0x10000)).unwrap();
             GuestMemoryMmap::from_regions(vec![a, b]).unwrap_err()
         },
+        // A region type of a VMM's own that writes only the primitives of `Bytes`: the
+        // provided `write_slice` reports a short write by region offset.
+        Window(&mem.regions()[1]).write_slice(&[1; 8], MemoryRegionAddress(0xffc)).unwrap_err(),
     ];
     covers(
         "GuestMemoryError",
@@ -252,6 +300,7 @@ fn guest_memory_error() {
             "RegionAlias",
             "NoRegionAt",
             "Mmap",
+            "PartialRegionBuffer",
         ],
         produced.iter().map(name),
     );

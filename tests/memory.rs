@@ -59,7 +59,7 @@ fn translation_and_lookup() {
     assert!(mem.check_range(GuestAddress(0), 0x2000));
     assert!(!mem.check_range(GuestAddress(0), 0x2001));
     assert!(mem.check_range(GuestAddress(0x3fff), 0));
-    assert!(!mem.check_range(GuestAddress(0x2000), 0));
+    assert!(mem.check_range(GuestAddress(0x2000), 0), "an empty range is backed anywhere");
     assert!(!mem.check_range(GuestAddress(0x10fff), 2));
     let empty = Mem::new();
     assert_eq!((empty.num_regions(), empty.last_addr()), (0, GuestAddress(0)));
@@ -165,6 +165,58 @@ fn cross_region_access_and_holes() {
         "{e}"
     );
     assert!(e.to_string().contains("0x1002"));
+}
+
+/// One rule for the ends, at every layer: a non-empty access where nothing fits is an error
+/// (so a loop that writes until an error ends), an empty one touches nothing and succeeds (in
+/// guest memory at any address; in a region up to its end).
+#[test]
+fn ends_and_empty_accesses() {
+    let mem = Mem::from_regions(vec![
+        region(0, 0x1000, Protection::READ_WRITE),
+        region(0x4000, 0x1000, Protection::READ),
+    ])
+    .unwrap();
+    // Guest memory: the end of a region is a hole here.
+    let end = GuestAddress(0x1000);
+    assert!(matches!(mem.write(&[1], end), Err(GuestMemoryError::InvalidGuestAddress(a)) if a == end));
+    assert!(matches!(mem.read(&mut [0], end), Err(GuestMemoryError::InvalidGuestAddress(_))));
+    assert!(mem.read_volatile_from(end, &mut &[1u8][..], 1).is_err());
+    assert!(mem.write_volatile_to(end, &mut Vec::new(), 1).is_err());
+    let mut at = GuestAddress(0);
+    while let Ok(n) = mem.write(&[7; 0x300], at) {
+        at = at.unchecked_add(n as u64);
+    }
+    assert_eq!(at, end);
+    for addr in [GuestAddress(0), end, GuestAddress(0x4000), GuestAddress(0x9_0000), GuestAddress(u64::MAX)] {
+        assert_eq!(mem.write(&[], addr).unwrap(), 0);
+        assert_eq!(mem.read(&mut [], addr).unwrap(), 0);
+        mem.write_slice(&[], addr).unwrap();
+        mem.read_slice(&mut [], addr).unwrap();
+        mem.write_obj((), addr).unwrap();
+        mem.read_obj::<()>(addr).unwrap();
+        assert_eq!(mem.read_volatile_from(addr, &mut &[1u8][..], 0).unwrap(), 0);
+        mem.read_exact_volatile_from(addr, &mut &[1u8][..], 0).unwrap();
+        assert_eq!(mem.write_volatile_to(addr, &mut Vec::new(), 0).unwrap(), 0);
+        mem.write_all_volatile_to(addr, &mut Vec::new(), 0).unwrap();
+        assert!(mem.check_range(addr, 0));
+    }
+    // A region: its end is out of bounds for a non-empty access, fine for an empty one.
+    let r = &mem.regions()[0];
+    let e = r.write(&[1], MemoryRegionAddress(0x1000)).unwrap_err();
+    assert!(matches!(e, GuestMemoryError::InvalidRegionOffset { len: 1, size: 0x1000, .. }), "{e}");
+    assert!(r.read(&mut [0; 4], MemoryRegionAddress(0x1000)).is_err());
+    assert!(r.read_volatile_from(MemoryRegionAddress(0x1000), &mut &[1u8][..], 1).is_err());
+    assert!(r.write_volatile_to(MemoryRegionAddress(0x1000), &mut Vec::new(), 1).is_err());
+    assert_eq!(r.write(&[1; 8], MemoryRegionAddress(0xffc)).unwrap(), 4);
+    assert_eq!(r.write(&[], MemoryRegionAddress(0x1000)).unwrap(), 0);
+    r.write_slice(&[], MemoryRegionAddress(0x1000)).unwrap();
+    r.read_obj::<()>(MemoryRegionAddress(0x1000)).unwrap();
+    assert!(r.write(&[], MemoryRegionAddress(0x1001)).is_err(), "past the end: no empty range there");
+    // Read-only memory takes an empty write.
+    let ro = &mem.regions()[1];
+    assert_eq!(ro.write(&[], MemoryRegionAddress(0)).unwrap(), 0);
+    assert!(ro.write(&[1], MemoryRegionAddress(0)).is_err());
 }
 
 #[test]
