@@ -314,9 +314,12 @@ fn bitmap_error() {
         BitmapError::BufferTooShort { .. } => "BufferTooShort",
         BitmapError::TooManyWords { .. } => "TooManyWords",
         BitmapError::InvalidWindow { .. } => "InvalidWindow",
+        BitmapError::SharedWords { .. } => "SharedWords",
         BitmapError::NotTracking => "NotTracking",
     };
     let bm = AtomicBitmap::new(1 << 20, 4096).unwrap();
+    let mut shared = AtomicBitmap::new(1 << 20, 4096).unwrap();
+    let window = shared.window(0, 1 << 19).unwrap();
     let none: Option<AtomicBitmap> = None;
     let produced = [
         AtomicBitmap::new(4096, 3).unwrap_err(),
@@ -324,11 +327,21 @@ fn bitmap_error() {
         bm.take_dirty_words(&mut [0u64; 1]).unwrap_err(),
         bm.merge_words(&[0u64; 100]).unwrap_err(),
         bm.window(4096, 64 * 4096).unwrap_err(),
+        shared.enlarge(4096).unwrap_err(),
         none.dirty_page_count().unwrap_err(),
     ];
+    drop(window);
     covers(
         "BitmapError",
-        &["InvalidPageSize", "OutOfMemory", "BufferTooShort", "TooManyWords", "InvalidWindow", "NotTracking"],
+        &[
+            "InvalidPageSize",
+            "OutOfMemory",
+            "BufferTooShort",
+            "TooManyWords",
+            "InvalidWindow",
+            "SharedWords",
+            "NotTracking",
+        ],
         produced.iter().map(name),
     );
 }
