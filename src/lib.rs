@@ -52,7 +52,9 @@ pub mod sys;
 pub mod volatile;
 
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};
-pub use atomic::{GuestMemoryAtomic, GuestMemoryExclusiveGuard, GuestMemoryGuard, MemoryCache};
+pub use atomic::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryExclusiveGuard, GuestMemoryGuard, MemoryCache,
+};
 pub use bitmap::AtomicBitmap;
 pub use bytes::{
     AtomicAccess, AtomicInteger, Be16, Be32, Be64, BeSize, ByteValued, Bytes, Le16, Le32, Le64, LeSize,
