@@ -316,7 +316,7 @@ fn atomic_view_follows_hotplug_and_keeps_snapshots_mapped() {
     let space = AtomicView::new(&atomic);
     let held = space.memory();
     let clone = held.clone();
-    atomic.update(|m| m.remove_region(ga(0x10000)).map(|(m, _)| m)).unwrap();
+    atomic.update(|m| m.remove_region(ga(0x10000), 0x10000).map(|(m, _)| m)).unwrap();
     // The old snapshot still reads and writes the removed region; the new one refuses it.
     held.write_obj(5u64, GuestAddress(0x10008)).unwrap();
     assert_eq!(clone.read_obj::<u64>(GuestAddress(0x10008)).unwrap(), 5);

@@ -16,7 +16,7 @@ use guestmem::sys::{MapFlags, MemPolicy, Protection};
 use guestmem::volatile::{ReadVolatile, ReadVolatileAt};
 use guestmem::{
     Address, AddressError, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap,
-    GuestRegionMmap, MemoryRegionAddress, VolatileError, VolatileSlice,
+    GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileError, VolatileSlice,
 };
 
 fn file(len: u64) -> std::fs::File {
@@ -224,6 +224,45 @@ impl Bytes<MemoryRegionAddress> for Window<'_> {
     }
 }
 
+/// A region type that claims another start than the region it holds.
+#[derive(Debug)]
+struct Liar(GuestRegionMmap);
+
+impl GuestMemoryRegion for Liar {
+    type B = ();
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn start_addr(&self) -> GuestAddress {
+        GuestAddress(self.0.start_addr().0 + 0x1000)
+    }
+    fn protection(&self) -> Protection {
+        self.0.protection()
+    }
+    fn bitmap(&self) -> &() {
+        self.0.bitmap()
+    }
+    fn file_offset(&self) -> Option<&FileOffset> {
+        self.0.file_offset()
+    }
+    fn host_ptr(&self) -> *mut u8 {
+        self.0.host_ptr()
+    }
+    fn get_slice(
+        &self,
+        at: MemoryRegionAddress,
+        n: usize,
+    ) -> Result<VolatileSlice<'_, guestmem::region::BS<'_, ()>>, GuestMemoryError> {
+        self.0.get_slice(at, n)
+    }
+}
+
+impl guestmem::memory::AsGuestRegionMmap for Liar {
+    fn guest_region_mmap(&self) -> &GuestRegionMmap {
+        &self.0
+    }
+}
+
 #[test]
 fn guest_memory_error() {
     let name = |e: &GuestMemoryError| match e {
@@ -242,6 +281,9 @@ fn guest_memory_error() {
         GuestMemoryError::NoRegionAt(_) => "NoRegionAt",
         GuestMemoryError::Mmap { .. } => "Mmap",
         GuestMemoryError::PartialRegionBuffer { .. } => "PartialRegionBuffer",
+        GuestMemoryError::RegionSizeMismatch { .. } => "RegionSizeMismatch",
+        GuestMemoryError::InvalidRegionLength { .. } => "InvalidRegionLength",
+        GuestMemoryError::InconsistentRegion { .. } => "InconsistentRegion",
     };
     let top = u64::MAX - 0xfff;
     let mem = GuestMemoryMmap::<()>::from_regions(vec![
@@ -266,7 +308,8 @@ fn guest_memory_error() {
         GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x2000), GuestAddress(top)).unwrap_err(),
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x1000), 0x1000)])
             .unwrap_err(),
-        mem.remove_region(GuestAddress(0x1000)).unwrap_err(),
+        mem.remove_region(GuestAddress(0x1000), 0x1000).unwrap_err(),
+        mem.remove_region(GuestAddress(0), 0x1000).unwrap_err(),
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0)]).unwrap_err(),
         GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x1000), GuestAddress(0x1004)).unwrap_err(),
         mem.regions()[0].read_obj::<u32>(MemoryRegionAddress(0x1ffe)).unwrap_err(),
@@ -282,6 +325,17 @@ fn guest_memory_error() {
         // A region type of a VMM's own that writes only the primitives of `Bytes`: the
         // provided `write_slice` reports a short write by region offset.
         Window(&mem.regions()[1]).write_slice(&[1; 8], MemoryRegionAddress(0xffc)).unwrap_err(),
+        GuestRegionMmap::with_len(mem.regions()[0].get_mmap(), GuestAddress(0x10000), 0x1000).unwrap_err(),
+        {
+            let r = GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x1000), GuestAddress(0)).unwrap();
+            guestmem::memory::GuestRegionCollection::from_regions(vec![Liar(r)]).unwrap_err()
+        },
+        // The same mapping at two guest addresses of one memory.
+        {
+            let again =
+                GuestRegionMmap::with_arc(mem.regions()[1].get_mmap(), GuestAddress(0x20000)).unwrap();
+            mem.insert_region(std::sync::Arc::new(again)).unwrap_err()
+        },
     ];
     covers(
         "GuestMemoryError",
@@ -301,6 +355,9 @@ fn guest_memory_error() {
             "NoRegionAt",
             "Mmap",
             "PartialRegionBuffer",
+            "RegionSizeMismatch",
+            "InvalidRegionLength",
+            "InconsistentRegion",
         ],
         produced.iter().map(name),
     );

@@ -155,12 +155,12 @@ impl<B: Bitmap> GuestMemoryMmap<B> {
         size: vm_memory::GuestUsize,
     ) -> Result<(Self, Arc<GuestRegionMmap<B>>), Error> {
         let base: GuestAddress = base.into();
-        let no_region = || Error::NoRegion { base, size };
-        let region = self.0.regions().iter().find(|r| r.start_addr() == base).ok_or_else(no_region)?;
-        if region.len() != size {
-            return Err(no_region());
-        }
-        let (mem, removed) = self.0.remove_region(base)?;
+        let (mem, removed) = self.0.remove_region(base, size).map_err(|e| match e {
+            GuestMemoryError::NoRegionAt(_) | GuestMemoryError::RegionSizeMismatch { .. } => {
+                Error::NoRegion { base, size }
+            }
+            e => e.into(),
+        })?;
         // SAFETY: every region of `self` is writable (this type's invariant).
         Ok((GuestMemoryMmap(mem), unsafe { arc_view(removed) }))
     }

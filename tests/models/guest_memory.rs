@@ -288,7 +288,8 @@ pub fn check(data: &[u8]) {
             _ => {
                 let a = addr_of(&mut input, &model);
                 let exists = model.regions.iter().position(|r| r.start == a);
-                match mem.remove_region(GuestAddress(a)) {
+                let size = exists.map_or(PAGE, |i| model.regions[i].data.len() as u64);
+                match mem.remove_region(GuestAddress(a), size) {
                     Ok((m, _)) => {
                         let i = exists.expect("removed a region the model does not have");
                         mem = m;
