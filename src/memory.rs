@@ -1,6 +1,7 @@
 //! Guest memory as a whole: the [`GuestMemory`] trait, [`Bytes<GuestAddress>`] for every
-//! guest memory, and [`GuestMemoryMmap`], a set of [`GuestRegionMmap`]s behind a flat
-//! translation table.
+//! guest memory, and [`GuestRegionCollection`], a set of regions behind a flat translation
+//! table: [`GuestMemoryMmap`] for guestmem's [`GuestRegionMmap`]s, or a VMM's own region type
+//! around them ([`AsGuestRegionMmap`]).
 //!
 //! A guest address enters here, is translated to (region, offset) by a branch-free binary
 //! search over a dense array of region starts, and becomes a [`VolatileSlice`] of that region.
