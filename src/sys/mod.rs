@@ -20,6 +20,7 @@ pub mod kvm;
 pub mod mman;
 pub mod numa;
 pub mod signal;
+pub mod socket;
 
 pub use fd::{fallocate, fstat, fstatfs, memfd_create, FallocateMode, FileStat, FsStat, MemfdFlags, Seals};
 pub use mman::{
