@@ -46,6 +46,7 @@ mod pod;
 pub mod region;
 pub mod snapshot;
 pub mod sys;
+pub mod vhost_user;
 pub mod volatile;
 
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};
