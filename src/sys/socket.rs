@@ -151,7 +151,8 @@ pub fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8], max_fds: usize) -> io
         let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
         while !cmsg.is_null() {
             // SAFETY: `cmsg` is a header the kernel wrote inside our buffer.
-            let (level, kind, cmsg_len) = unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
+            let (level, kind, cmsg_len) =
+                unsafe { ((*cmsg).cmsg_level, (*cmsg).cmsg_type, (*cmsg).cmsg_len) };
             if level == libc::SOL_SOCKET && kind == libc::SCM_RIGHTS {
                 // SAFETY: arithmetic only.
                 let header = unsafe { libc::CMSG_LEN(0) } as usize;
@@ -266,7 +267,10 @@ mod tests {
             Some(libc::EINVAL)
         );
         assert_eq!(send_with_fds(f.as_fd(), b"x", &[]).unwrap_err().raw_os_error(), Some(libc::ENOTSOCK));
-        assert_eq!(recv_with_fds(f.as_fd(), &mut [0u8; 1], 1).unwrap_err().raw_os_error(), Some(libc::ENOTSOCK));
+        assert_eq!(
+            recv_with_fds(f.as_fd(), &mut [0u8; 1], 1).unwrap_err().raw_os_error(),
+            Some(libc::ENOTSOCK)
+        );
         // The maximum is accepted.
         assert_eq!(send_with_fds(a.as_fd(), b"x", &vec![f.as_fd(); MAX_FDS]).unwrap(), 1);
     }

@@ -399,7 +399,14 @@ impl SharedLog {
         // changes.
         // SAFETY: a new shared mapping where the kernel chooses: it replaces nothing.
         let trial = unsafe {
-            sys::mmap(std::ptr::null_mut(), map_len, Protection::READ_WRITE, MapFlags::SHARED, Some(fd.as_fd()), desc.offset)
+            sys::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                Protection::READ_WRITE,
+                MapFlags::SHARED,
+                Some(fd.as_fd()),
+                desc.offset,
+            )
         }
         .map_err(os("mmap of the log"))?;
         // SAFETY: the trial mapping was made just above and nothing else knows of it.
@@ -599,13 +606,18 @@ impl LogBitmap {
         }
         let Some(b) = self.binding.get() else { return };
         let last = offset.saturating_add(len - 1).min(self.byte_len - 1);
-        b.log.mark_pages(b.first_page + (offset as u64 / LOG_PAGE_SIZE), b.first_page + (last as u64 / LOG_PAGE_SIZE));
+        b.log.mark_pages(
+            b.first_page + (offset as u64 / LOG_PAGE_SIZE),
+            b.first_page + (last as u64 / LOG_PAGE_SIZE),
+        );
     }
 
     #[inline]
     fn byte_dirty(&self, offset: usize) -> bool {
         match self.binding.get() {
-            Some(b) if offset < self.byte_len => b.log.is_page_dirty(b.first_page + offset as u64 / LOG_PAGE_SIZE),
+            Some(b) if offset < self.byte_len => {
+                b.log.is_page_dirty(b.first_page + offset as u64 / LOG_PAGE_SIZE)
+            }
             _ => false,
         }
     }

@@ -2,7 +2,6 @@
 //! [`UserMemory`] (guest memory with the front-end's user-address table).
 
 use std::fs::File;
-use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
@@ -130,16 +129,8 @@ pub enum TableError {
         /// The first guest address past the log.
         covers: u64,
     },
-    /// `fstat` of a region's descriptor failed.
-    #[error("region {region}: fstat failed: {source}")]
-    Fstat {
-        /// Its position in the table.
-        region: usize,
-        /// The error.
-        source: io::Error,
-    },
-    /// Mapping a region failed (the kernel refused, or a hugetlbfs file whose page size the
-    /// offset or size is not a multiple of).
+    /// Mapping a region failed (`fstat` or `mmap` refused, or a hugetlbfs file whose page size
+    /// the offset or size is not a multiple of).
     #[error("region {region}: mapping failed: {source}")]
     Map {
         /// Its position in the table.
@@ -217,8 +208,10 @@ impl UserMemory {
     fn build(mut regions: Vec<(Arc<GuestRegionMmap<LogBitmap>>, u64)>) -> Result<Self, TableError> {
         regions.sort_by_key(|(r, _)| r.start_addr());
         let user_of = regions.iter().map(|&(_, u)| u).collect();
-        let mut rows: Vec<(u64, UserRow)> =
-            regions.iter().map(|(r, u)| (*u, UserRow { last: r.len() - 1, guest: r.start_addr().0 })).collect();
+        let mut rows: Vec<(u64, UserRow)> = regions
+            .iter()
+            .map(|(r, u)| (*u, UserRow { last: r.len() - 1, guest: r.start_addr().0 }))
+            .collect();
         rows.sort_by_key(|&(u, _)| u);
         check_user_overlaps(rows.iter().map(|&(u, row)| (u, row.last)))?;
         let guest = GuestMemoryMmap::from_arc_regions(regions.into_iter().map(|(r, _)| r).collect())
@@ -299,7 +292,11 @@ impl UserMemory {
     /// let used = mem.user_slice(desc.user_addr + 0x2000, 64).unwrap();
     /// used.write_obj(3u16, 2).unwrap();
     /// ```
-    pub fn user_slice(&self, addr: u64, len: usize) -> Result<GuestSlice<'_, GuestMemoryMmap<LogBitmap>>, TableError> {
+    pub fn user_slice(
+        &self,
+        addr: u64,
+        len: usize,
+    ) -> Result<GuestSlice<'_, GuestMemoryMmap<LogBitmap>>, TableError> {
         let guest = self.user_range_to_guest(addr, len as u64)?;
         self.guest.get_slice(guest, len).map_err(TableError::Memory)
     }
@@ -344,7 +341,10 @@ impl GuestMemory for UserMemory {
     }
 
     #[inline]
-    fn to_region_addr(&self, addr: GuestAddress) -> Option<(&GuestRegionMmap<LogBitmap>, MemoryRegionAddress)> {
+    fn to_region_addr(
+        &self,
+        addr: GuestAddress,
+    ) -> Option<(&GuestRegionMmap<LogBitmap>, MemoryRegionAddress)> {
         self.guest.to_region_addr(addr)
     }
 
@@ -589,7 +589,8 @@ impl BackendMemory {
         check_log(0, region, covers)?;
         check_file(0, region, &fd)?;
         let new = self.map_region(0, region, fd)?;
-        let mut regions: Vec<_> = current.guest.regions().iter().cloned().zip(current.user_of.iter().copied()).collect();
+        let mut regions: Vec<_> =
+            current.guest.regions().iter().cloned().zip(current.user_of.iter().copied()).collect();
         regions.push((new, region.user_addr));
         guard.replace(UserMemory::build(regions)?);
         Ok(())
@@ -611,7 +612,9 @@ impl BackendMemory {
             .regions()
             .iter()
             .position(|r| r.start_addr().0 == region.guest_addr)
-            .filter(|&i| current.guest.regions()[i].len() == region.size && current.user_of[i] == region.user_addr)
+            .filter(|&i| {
+                current.guest.regions()[i].len() == region.size && current.user_of[i] == region.user_addr
+            })
             .ok_or_else(no_such)?;
         let regions = current
             .guest
@@ -676,7 +679,8 @@ impl BackendMemory {
             .backing(Backing::File { file, shared: true })
             .build()
             .map_err(|source| TableError::Map { region: index, source })?;
-        let region = GuestRegionMmap::new(mapping, GuestAddress(desc.guest_addr)).map_err(TableError::Memory)?;
+        let region =
+            GuestRegionMmap::new(mapping, GuestAddress(desc.guest_addr)).map_err(TableError::Memory)?;
         region.bitmap().bind(self.log.clone(), region.start_addr());
         Ok(Arc::new(region))
     }
@@ -687,9 +691,12 @@ fn check_fields(region: usize, d: &MemoryRegionDesc, page: u64) -> Result<(), Ta
     if d.size == 0 {
         return Err(TableError::ZeroSize { region });
     }
-    for (field, value) in
-        [("guest address", d.guest_addr), ("size", d.size), ("user address", d.user_addr), ("mmap offset", d.mmap_offset)]
-    {
+    for (field, value) in [
+        ("guest address", d.guest_addr),
+        ("size", d.size),
+        ("user address", d.user_addr),
+        ("mmap offset", d.mmap_offset),
+    ] {
         if !value.is_multiple_of(page) {
             return Err(TableError::Unaligned { region, field, value, page_size: page });
         }
@@ -721,13 +728,19 @@ fn check_log(region: usize, d: &MemoryRegionDesc, covers: Option<u64>) -> Result
 
 /// The checks of one region's descriptor: a regular file long enough for the region.
 fn check_file(region: usize, d: &MemoryRegionDesc, fd: &OwnedFd) -> Result<(), TableError> {
-    let st = sys::fstat(fd.as_fd()).map_err(|source| TableError::Fstat { region, source })?;
+    let st = sys::fstat(fd.as_fd())
+        .map_err(|source| TableError::Map { region, source: MmapError::Os { op: "fstat", source } })?;
     if st.kind != FileKind::Regular {
         return Err(TableError::NotAFile { region, kind: st.kind });
     }
     // check_fields made sure this does not overflow.
     if d.mmap_offset + d.size > st.size {
-        return Err(TableError::FileTooShort { region, file_size: st.size, offset: d.mmap_offset, size: d.size });
+        return Err(TableError::FileTooShort {
+            region,
+            file_size: st.size,
+            offset: d.mmap_offset,
+            size: d.size,
+        });
     }
     Ok(())
 }

@@ -76,10 +76,18 @@ impl DirtyLog {
         let fd = sys::memfd_create(c"guestmem-vhost-log", MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)
             .map_err(os("memfd_create"))?;
         sys::fd::ftruncate(fd.as_fd(), bytes).map_err(os("ftruncate"))?;
-        sys::fd::add_seals(fd.as_fd(), Seals::SHRINK | Seals::GROW | Seals::SEAL).map_err(os("F_ADD_SEALS"))?;
+        sys::fd::add_seals(fd.as_fd(), Seals::SHRINK | Seals::GROW | Seals::SEAL)
+            .map_err(os("F_ADD_SEALS"))?;
         // SAFETY: a new shared mapping of our own memfd, where the kernel chooses.
         let map = unsafe {
-            sys::mmap(std::ptr::null_mut(), bytes as usize, Protection::READ_WRITE, MapFlags::SHARED, Some(fd.as_fd()), 0)
+            sys::mmap(
+                std::ptr::null_mut(),
+                bytes as usize,
+                Protection::READ_WRITE,
+                MapFlags::SHARED,
+                Some(fd.as_fd()),
+                0,
+            )
         }
         .map_err(os("mmap"))?;
         Ok(DirtyLog { fd, map, map_len: bytes as usize, words, scratch })
@@ -241,8 +249,11 @@ impl DirtyLog {
             if word.load(Ordering::SeqCst) & mask == 0 {
                 continue;
             }
-            let bits =
-                if mask == u64::MAX { word.swap(0, Ordering::SeqCst) } else { word.fetch_and(!mask, Ordering::SeqCst) & mask };
+            let bits = if mask == u64::MAX {
+                word.swap(0, Ordering::SeqCst)
+            } else {
+                word.fetch_and(!mask, Ordering::SeqCst) & mask
+            };
             taken += bits.count_ones() as usize;
             if shift == 0 {
                 scratch[j] |= bits;
