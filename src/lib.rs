@@ -37,6 +37,7 @@ pub mod bytes;
 pub mod checksum;
 pub mod dirty;
 pub mod host;
+pub mod iommu;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod memory;
