@@ -1,6 +1,6 @@
 //! Guest memory seen through an IOMMU: an IOTLB of I/O virtual address (IOVA) ranges mapped to
 //! guest-physical addresses with read/write permissions, and [`IovaMemory`], a view that
-//! implements [`Bytes<Iova>`](crate::Bytes) over any [`GuestMemory`].
+//! implements [`Bytes<Iova>`](crate::Bytes) over any [`GuestMemory`](crate::GuestMemory).
 //!
 //! A device behind a virtual IOMMU (virtio-iommu, VT-d, a vhost-user device with
 //! `VIRTIO_F_IOMMU_PLATFORM`) addresses memory by IOVA. [`Iotlb`] holds the translations the
@@ -17,7 +17,7 @@
 //!
 //! The IOTLB is copy-on-write: a table is immutable once published, an update builds the next
 //! table under a writer lock and publishes it with one atomic pointer store (the scheme of
-//! [`GuestMemoryAtomic`](crate::GuestMemoryAtomic), which it reuses), so translations never
+//! [`GuestMemoryAtomic`], which it reuses), so translations never
 //! race with updates and never take a lock. A device thread keeps an [`IotlbCache`]: its
 //! [`table`](IotlbCache::table) costs one atomic load of the generation while the IOTLB is
 //! unchanged, and a translation is a branch-free binary search over a dense array of IOVA

@@ -1,44 +1,5 @@
 //! The back-end's side of the shared dirty log: [`SharedLog`], the log a front-end hands over
 //! with `VHOST_USER_SET_LOG_BASE`, and [`LogBitmap`], the region bitmap that marks it.
-//!
-//! # Layout
-//!
-//! The log is the front-end's memory: bit `p % 64` of 64-bit word `p / 64` stands for the 4 KiB
-//! page `p` of guest-physical address space (the spec's `log[p / 8] |= 1 << p % 8` on a
-//! little-endian machine), from guest address 0 up. Every region of a [`BackendMemory`]
-//! (crate::vhost_user::BackendMemory) carries a [`LogBitmap`] that knows the region's first
-//! guest page, so a write through guestmem marks exactly the guest pages it wrote with one
-//! atomic OR per 64-page word it touches, as an [`AtomicBitmap`](crate::AtomicBitmap) does.
-//!
-//! # Swapping logs without losing a bit
-//!
-//! The front-end may replace the log at any time (a larger one after memory hotplug, a fresh one
-//! for the next migration), and it harvests and frees the old log once the back-end has
-//! acknowledged the new one. Device threads mark concurrently, so the switch must guarantee:
-//! once [`SharedLog::attach`] has returned (and the acknowledgement gone out), no mark lands
-//! only in the old log. The scheme:
-//!
-//! - All logs live at one fixed place: a window of address space reserved once
-//!   ([`MAX_LOG_BYTES`], `PROT_NONE` until used). A new log is mapped over the start of the
-//!   window (`MAP_FIXED`), so a marker still using the old log's word count writes into the new
-//!   log at the right bit (the layout is the same), or, past the new log's end, into the old
-//!   log's pages, which stay mapped until the switch is done.
-//! - The current log is one atomic word: a generation (bumped on every change) and the number
-//!   of words. A mark loads it, ORs its bits, and loads it again; if it changed, it ORs again
-//!   with the new value, until the value it used is still current after its OR.
-//! - After publishing the new value, `attach` maps anonymous memory over what the old log held
-//!   beyond the new one: the old log's pages are released, and a late marker's stray OR there
-//!   is harmless (it sees the change and marks the new log).
-//!
-//! Why no bit is lost: a mark that read the old value and still reads it after its OR made that
-//! OR before the new value was published (all three operations are `SeqCst`), hence before the
-//! acknowledgement, hence before the front-end's final harvest of the old log; any later mark
-//! reads the new value and marks the new log. Nothing below the part of the window that was
-//! ever mapped is unmapped while the log lives, so no marker can fault.
-//!
-//! The log must be a regular file (a memfd) sealed against shrinking (`F_SEAL_SHRINK`, as QEMU
-//! and guestmem's own [`DirtyLog`](crate::vhost_user::DirtyLog) seal it): a front-end that could
-//! truncate it would make the back-end's next mark a SIGBUS.
 
 use std::fmt;
 use std::io;
@@ -199,8 +160,49 @@ struct Control {
 ///
 /// Created by the back-end memory; a device marks it through its writes to guest memory (the
 /// regions' [`LogBitmap`]s), or explicitly with [`mark`](Self::mark) (a used ring logged at
-/// the `log_guest_addr` the front-end gave). See the [module docs](self) for the layout and
-/// for how a log is replaced without losing a bit.
+/// the `log_guest_addr` the front-end gave).
+///
+/// # Layout
+///
+/// The log is the front-end's memory: bit `p % 64` of 64-bit word `p / 64` stands for the 4 KiB
+/// page `p` of guest-physical address space (the spec's `log[p / 8] |= 1 << p % 8` on a
+/// little-endian machine), from guest address 0 up. Every region of a back-end memory carries
+/// a [`LogBitmap`] that knows the region's first
+/// guest page, so a write through guestmem marks exactly the guest pages it wrote with one
+/// atomic OR per 64-page word it touches, as an [`AtomicBitmap`](crate::AtomicBitmap) does.
+///
+/// # Swapping logs without losing a bit
+///
+/// The front-end may replace the log at any time (a larger one after memory hotplug, a fresh one
+/// for the next migration), and it harvests and frees the old log once the back-end has
+/// acknowledged the new one. Device threads mark concurrently, so the switch must guarantee:
+/// once [`set_log_base`](crate::vhost_user::BackendMemory::set_log_base) has returned (and the
+/// acknowledgement gone out), no mark lands only in the old log. The scheme:
+///
+/// - All logs live at one fixed place: a window of address space reserved once
+///   ([`MAX_LOG_BYTES`], `PROT_NONE` until used). A new log is mapped over the start of the
+///   window (`MAP_FIXED`), so a marker still using the old log's word count writes into the new
+///   log at the right bit (the layout is the same), or, past the new log's end, into the old
+///   log's pages, which stay mapped until the switch is done.
+/// - The current log is one atomic word: a generation (bumped on every change) and the number
+///   of words. A mark loads it, ORs its bits, and loads it again; if it changed, it ORs again
+///   with the new value, until the value it used is still current after its OR.
+/// - After publishing the new value, `attach` maps anonymous memory over what the old log held
+///   beyond the new one: the old log's pages are released, and a late marker's stray OR there
+///   is harmless (it sees the change and marks the new log).
+///
+/// Why no bit is lost: a mark that read the old value and still reads it after its OR made that
+/// OR before the new value was published (all three operations are `SeqCst`; on x86 the OR is
+/// the same `lock or` a `Release` one is, and the loads plain loads), hence before the
+/// acknowledgement, hence before the front-end's final harvest of the old log (which takes
+/// words with `SeqCst` swaps); any later mark reads the new value and marks the new log.
+/// Nothing below the part of the window that was ever mapped is unmapped while the log lives,
+/// so no marker can fault. `tests/vhost_user.rs` writes every page once, from another process,
+/// while logs are swapped back to back, and finds every page in the union of the harvests.
+///
+/// The log must be a regular file (a memfd) sealed against shrinking (`F_SEAL_SHRINK`, as QEMU
+/// and guestmem's own [`DirtyLog`](crate::vhost_user::DirtyLog) seal it): a front-end that could
+/// truncate it would make the back-end's next mark a SIGBUS.
 pub struct SharedLog {
     /// Generation (high bits) and number of words of the current log (low bits; 0 = none).
     state: AtomicU64,

@@ -295,9 +295,9 @@ impl DirtyLog {
     /// `next` is the log. Returns the pages that last harvest took.
     ///
     /// A back-end built on [`BackendMemory`](crate::vhost_user::BackendMemory) replies only
-    /// when every mark that could still go to the old log has gone there ([`SharedLog`]
-    /// (crate::vhost_user::SharedLog) says why), so the last harvest has every bit the old log
-    /// will ever get. `mem` is checked against `next` before anything is handed over; if the
+    /// when every mark that could still go to the old log has gone there
+    /// ([`SharedLog`](crate::vhost_user::SharedLog) says why), so the last harvest has every
+    /// bit the old log will ever get. `mem` is checked against `next` before anything is handed over; if the
     /// hand-over fails ([`LogError::Handover`]) the old log stays, untouched.
     ///
     /// ```
