@@ -795,6 +795,41 @@ fn hotplug_snapshots_and_user_translation() {
     assert_eq!(old.num_regions(), 2);
 }
 
+/// A vhost-user IOTLB update names user addresses: across two regions adjacent in the
+/// front-end's address space but not in guest memory, it becomes two guest mappings, applied
+/// together, and a device reads through them what the front-end wrote.
+#[test]
+fn iotlb_updates_in_user_addresses() {
+    use guestmem::iommu::{Iotlb, Iova, Permissions};
+    let backend = BackendMemory::new().unwrap();
+    let r = |guest_addr, user_addr| MemoryRegionDesc { guest_addr, size: MIB, user_addr, mmap_offset: 0 };
+    let (a, b) = (memfd("iotlb0", MIB), memfd("iotlb1", MIB));
+    let vmm_a = a.try_clone().unwrap();
+    backend.set_mem_table(&[r(0, 0x7000_0000), r(8 * MIB, 0x7000_0000 + MIB)], vec![a, b]).unwrap();
+    let mem = backend.memory();
+    mem.write_obj(0x1111u64, GuestAddress(MIB - 8)).unwrap();
+    mem.write_obj(0x2222u64, GuestAddress(8 * MIB)).unwrap();
+    let entries =
+        mem.iotlb_entries(Iova(1 << 40), 0x2000, 0x7000_0000 + MIB - 0x1000, Permissions::READ).unwrap();
+    assert_eq!(entries.len(), 2);
+    assert_eq!((entries[1].iova, entries[1].guest_addr), (Iova((1 << 40) + 0x1000), GuestAddress(8 * MIB)));
+    let iotlb = Iotlb::new();
+    iotlb.update_all(&entries).unwrap();
+    let snapshot = iotlb.snapshot();
+    let view = snapshot.view(&*mem);
+    let mut two = [0u64; 2];
+    view.read_slice(zerocopy::IntoBytes::as_mut_bytes(&mut two[..]), Iova((1 << 40) + 0xff8)).unwrap();
+    assert_eq!(two, [0x1111, 0x2222]);
+    // Past the second region, or wrapping: refused.
+    assert!(matches!(
+        mem.iotlb_entries(Iova(0), 0x2000, 0x7000_0000 + 2 * MIB - 0x1000, Permissions::READ),
+        Err(TableError::UserAddress { .. })
+    ));
+    assert!(mem.iotlb_entries(Iova(0), 0x2000, u64::MAX - 0xfff, Permissions::READ).is_err());
+    assert!(mem.iotlb_entries(Iova(0), 0, 0x7000_0000, Permissions::READ).is_err());
+    drop(vmm_a);
+}
+
 /// A front-end truncates the unsealed file behind a region under the back-end's mapping:
 /// guestmem's SIGBUS recovery maps zero pages there, so the device reads zeros instead of
 /// dying, and the region says it lost its backing.

@@ -440,30 +440,54 @@ impl Iotlb {
         guest_addr: GuestAddress,
         perm: Permissions,
     ) -> Result<(), IommuError> {
-        let last = check_range(iova, size)?;
-        if !guest_addr.0.is_multiple_of(IOTLB_PAGE_SIZE) {
-            return Err(IommuError::Unaligned {
+        self.update_all(&[IotlbEntry { iova, size, guest_addr, perm }])
+    }
+
+    /// Applies several mappings at once, in order (a later one replaces what it overlaps of an
+    /// earlier one), and publishes them as one new table: a translation sees all of them or
+    /// none. Each is checked as in [`update`](Self::update); an error changes nothing.
+    ///
+    /// ```
+    /// use guestmem::iommu::{Iotlb, IotlbEntry, Iova, Permissions};
+    /// use guestmem::GuestAddress;
+    /// let iotlb = Iotlb::new();
+    /// let e = |iova, guest| IotlbEntry { iova: Iova(iova), size: 0x1000, guest_addr: GuestAddress(guest), perm: Permissions::READ };
+    /// iotlb.update_all(&[e(0, 0x5000), e(0x1000, 0x9000)]).unwrap();
+    /// assert_eq!((iotlb.snapshot().len(), iotlb.generation()), (2, 1));
+    /// assert!(iotlb.update_all(&[e(0x2000, 0), e(0x3000, 0x10)]).is_err()); // the second is unaligned
+    /// assert_eq!(iotlb.snapshot().len(), 2);
+    /// ```
+    pub fn update_all(&self, entries: &[IotlbEntry]) -> Result<(), IommuError> {
+        for e in entries {
+            check_range(e.iova, e.size)?;
+            if !e.guest_addr.0.is_multiple_of(IOTLB_PAGE_SIZE) {
+                return Err(IommuError::Unaligned {
+                    what: "guest address",
+                    value: e.guest_addr.0,
+                    granule: IOTLB_PAGE_SIZE,
+                });
+            }
+            e.guest_addr.0.checked_add(e.size - 1).ok_or(IommuError::Overflow {
                 what: "guest address",
-                value: guest_addr.0,
-                granule: IOTLB_PAGE_SIZE,
-            });
-        }
-        guest_addr.0.checked_add(size - 1).ok_or(IommuError::Overflow {
-            what: "guest address",
-            value: guest_addr.0,
-            size,
-        })?;
-        if perm.is_empty() {
-            return Err(IommuError::NoPermission { iova });
+                value: e.guest_addr.0,
+                size: e.size,
+            })?;
+            if e.perm.is_empty() {
+                return Err(IommuError::NoPermission { iova: e.iova });
+            }
         }
         self.table.update(|t| {
-            let mut rows = t.without(iova.0, last);
-            let at = rows.partition_point(|&(s, _)| s < iova.0);
-            rows.insert(at, (iova.0, Row { last: size - 1, guest: guest_addr.0, perm }));
-            if rows.len() > self.max_entries {
-                return Err(IommuError::TooManyEntries { count: rows.len(), max: self.max_entries });
+            let mut table = t.clone();
+            for e in entries {
+                let mut rows = table.without(e.iova.0, e.iova.0 + (e.size - 1));
+                let at = rows.partition_point(|&(s, _)| s < e.iova.0);
+                rows.insert(at, (e.iova.0, Row { last: e.size - 1, guest: e.guest_addr.0, perm: e.perm }));
+                if rows.len() > self.max_entries {
+                    return Err(IommuError::TooManyEntries { count: rows.len(), max: self.max_entries });
+                }
+                table = IotlbTable::from_rows(rows);
             }
-            Ok(IotlbTable::from_rows(rows))
+            Ok(table)
         })
     }
 

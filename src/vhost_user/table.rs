@@ -301,6 +301,63 @@ impl UserMemory {
         self.guest.get_slice(guest, len).map_err(TableError::Memory)
     }
 
+    /// The guest-address IOTLB mappings of a vhost-user IOTLB update (`VHOST_USER_IOTLB_MSG`
+    /// of type 2, with `VIRTIO_F_IOMMU_PLATFORM`), whose target is a user address: the user
+    /// range `[user_addr, user_addr + size)` split where it crosses regions, each piece mapped
+    /// onto its region's guest addresses. Every byte must be in a region
+    /// ([`TableError::UserAddress`] otherwise); apply the result with
+    /// [`Iotlb::update_all`](crate::iommu::Iotlb::update_all), which takes all pieces or none.
+    ///
+    /// ```
+    /// # use std::os::fd::AsFd;
+    /// # let f = guestmem::sys::memfd_create(c"ram", guestmem::sys::MemfdFlags::CLOEXEC).unwrap();
+    /// # guestmem::sys::fd::ftruncate(f.as_fd(), 0x10000).unwrap();
+    /// # let desc = guestmem::vhost_user::MemoryRegionDesc { guest_addr: 0x10_0000, size: 0x10000, user_addr: 0x7f00_0000_0000, mmap_offset: 0 };
+    /// # let backend = guestmem::vhost_user::BackendMemory::new().unwrap();
+    /// # backend.set_mem_table(&[desc], vec![f]).unwrap();
+    /// use guestmem::iommu::{Access, Iotlb, Iova, Permissions};
+    /// use guestmem::GuestAddress;
+    /// let mem = backend.memory();
+    /// let iotlb = Iotlb::new();
+    /// let entries = mem.iotlb_entries(Iova(0x4000_0000), 0x2000, desc.user_addr + 0x1000, Permissions::READ).unwrap();
+    /// iotlb.update_all(&entries).unwrap();
+    /// let (gpa, _) = iotlb.snapshot().translate(Iova(0x4000_0010), 8, Access::Read).unwrap();
+    /// assert_eq!(gpa, GuestAddress(desc.guest_addr + 0x1010));
+    /// ```
+    pub fn iotlb_entries(
+        &self,
+        iova: crate::iommu::Iova,
+        size: u64,
+        user_addr: u64,
+        perm: crate::iommu::Permissions,
+    ) -> Result<Vec<crate::iommu::IotlbEntry>, TableError> {
+        let err = || TableError::UserAddress { addr: user_addr, len: size };
+        if size == 0 || user_addr.checked_add(size - 1).is_none() || iova.0.checked_add(size - 1).is_none() {
+            return Err(err());
+        }
+        let mut entries = Vec::new();
+        let mut done = 0;
+        while done < size {
+            let at = user_addr + done;
+            let idx = self.user_starts.partition_point(|&s| s <= at).checked_sub(1).ok_or_else(err)?;
+            let offset = at - self.user_starts[idx];
+            let row = self.user_rows[idx];
+            if offset > row.last {
+                return Err(err());
+            }
+            // At most one piece per region: the count is bounded by the table.
+            let n = (row.last - offset + 1).min(size - done);
+            entries.push(crate::iommu::IotlbEntry {
+                iova: crate::iommu::Iova(iova.0 + done),
+                size: n,
+                guest_addr: GuestAddress(row.guest + offset),
+                perm,
+            });
+            done += n;
+        }
+        Ok(entries)
+    }
+
     /// The front-end's user address of guest address `addr`, if a region holds it.
     pub fn guest_to_user(&self, addr: GuestAddress) -> Option<u64> {
         let (region, offset) = self.guest.to_region_addr(addr)?;
