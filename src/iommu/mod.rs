@@ -76,7 +76,7 @@ pub const IOTLB_PAGE_SIZE: u64 = 4096;
 pub const DEFAULT_MAX_ENTRIES: usize = 1 << 16;
 
 /// The most mappings any IOTLB may be configured for.
-pub const MAX_ENTRIES: usize = 1 << 22;
+pub const MAX_ENTRIES: usize = 1 << 20;
 
 /// An I/O virtual address: what a device behind an IOMMU puts on the bus.
 #[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -252,10 +252,17 @@ struct Row {
 ///
 /// Taken from an [`IotlbCache`] or [`Iotlb::snapshot`]; translates, and gives
 /// [`view`](Self::view)s of guest memory.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct IotlbTable {
     starts: Box<[u64]>,
     rows: Box<[Row]>,
+}
+
+impl fmt::Debug for IotlbTable {
+    /// The size, not the mappings (there may be many).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IotlbTable").field("mappings", &self.len()).finish_non_exhaustive()
+    }
 }
 
 impl IotlbTable {
