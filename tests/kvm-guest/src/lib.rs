@@ -522,7 +522,8 @@ impl VcpuState {
     }
 
     /// The size of [`to_bytes`](Self::to_bytes).
-    pub const LEN: usize = std::mem::size_of::<kvm_bindings::kvm_regs>() + std::mem::size_of::<kvm_bindings::kvm_sregs>();
+    pub const LEN: usize =
+        std::mem::size_of::<kvm_bindings::kvm_regs>() + std::mem::size_of::<kvm_bindings::kvm_sregs>();
 
     /// The state as bytes (see the type's docs).
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -554,7 +555,11 @@ impl VcpuState {
         // SAFETY: every bit pattern is a valid value of these structs of integers; the lengths
         // match (checked above).
         unsafe {
-            std::ptr::copy_nonoverlapping(bytes.as_ptr(), (&mut regs as *mut kvm_bindings::kvm_regs).cast::<u8>(), split);
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (&mut regs as *mut kvm_bindings::kvm_regs).cast::<u8>(),
+                split,
+            );
             std::ptr::copy_nonoverlapping(
                 bytes[split..].as_ptr(),
                 (&mut sregs as *mut kvm_bindings::kvm_sregs).cast::<u8>(),
