@@ -45,6 +45,7 @@ pub mod mmap;
 pub mod region;
 pub mod snapshot;
 pub mod sys;
+pub mod uffd;
 pub mod volatile;
 
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};

@@ -73,6 +73,7 @@
 //! ```
 
 mod format;
+pub mod lazy;
 
 pub use format::{SnapshotInfo, SnapshotKind, SnapshotRegion, MAGIC, VERSION};
 

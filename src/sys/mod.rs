@@ -19,6 +19,8 @@ pub mod fd;
 pub mod kvm;
 pub mod mman;
 pub mod numa;
+pub mod socket;
+pub mod uffd;
 
 pub use fd::{fallocate, fstat, fstatfs, memfd_create, FallocateMode, FileStat, FsStat, MemfdFlags, Seals};
 pub use mman::{
