@@ -1,10 +1,10 @@
 //! Lazy restore (`snapshot::lazy`) beside the eager paths, in the same run on the same 1 GiB
-//! snapshot (half of its 64 KiB blocks non-zero, with a 64 KiB chunk table):
+//! snapshot (half of its 64 KiB blocks non-zero, with a chunk table of `DEFAULT_CHUNK_SIZE`):
 //!
 //! - `lazy_return/1GiB`: `restore_lazy` returning (header, chunk table, mappings, userfaultfd
 //!   registration, handler thread started), against `restore_mapped` (the O(1) mapping restore).
-//! - `lazy_first_access/host`: a host read of a page not yet placed (one fault, one 64 KiB unit
-//!   read, checked and placed), against the first touch of fresh anonymous memory.
+//! - `lazy_first_access/host`: a host read of a page not yet placed (one fault, one chunk read,
+//!   checked and placed), against the first touch of fresh anonymous memory.
 //! - `lazy_first_access/guest` (needs /dev/kvm): a KVM guest's first write to a page not yet
 //!   placed, against its first write to fresh anonymous memory (each: the run's time minus
 //!   the same run on pages already there).
