@@ -70,9 +70,10 @@
 //!   kernel re-faulting (state R) until the page is placed, then `KVM_RUN` returns `EINTR`.
 //! - A guest access to a page poisoned with `UFFDIO_POISON` is an MMIO exit at that GPA here
 //!   (no `SIGBUS` reaches the vCPU thread); a host access raises `SIGBUS`.
-//! - Costs: a host access round trip through a handler thread ≈ 7 µs (a plain first-touch
-//!   fault ≈ 1.4 µs); a guest first access ≈ 70 µs, of which the handler is ≈ 12 µs and the rest
-//!   KVM's way back into the guest on this paravirtual KVM (a plain guest first write ≈ 2 µs);
+//! - Costs: a host access round trip through a handler thread ≈ 7.5 µs (a plain first-touch
+//!   fault ≈ 1.4 µs); a guest first access 17–77 µs over three runs (a plain guest first write
+//!   ≈ 2 µs), of which the handler is 3–12 µs and the rest waking the vCPU thread and
+//!   re-entering the guest, which on the 2 shared cores depends on their load;
 //!   `UFFDIO_COPY` 2.3–4.4 GiB/s (4 KiB to 2 MiB per call), `UFFDIO_ZEROPAGE` ≈ 25 GiB/s.
 //!
 //! ```
@@ -121,7 +122,7 @@ pub const CHUNK_TABLE_MAGIC: [u8; 8] = *b"GMEMCSUM";
 pub const CHUNK_TABLE_VERSION: u32 = 1;
 /// The chunk size [`write_chunk_table`] is usually given: 16 KiB, 4 pages placed per fault.
 /// Smaller chunks serve a fault sooner, larger ones fill memory with fewer calls and a smaller
-/// table (measured on 1 GiB: 16 KiB gives a first guest access of 40 µs and a fill at 0.95× of
+/// table (measured on 1 GiB, in separate runs: 16 KiB gives a first guest access of 40 µs and a fill at 0.95× of
 /// `restore_into`; 64 KiB 81 µs and 0.67×).
 pub const DEFAULT_CHUNK_SIZE: u64 = 16 << 10;
 /// Bytes of the chunk table's header.
