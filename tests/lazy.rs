@@ -366,6 +366,38 @@ fn discards_read_as_zeros_and_are_not_filled() {
 }
 
 #[test]
+fn restore_discard_on_memfd_memory_is_seen_by_the_handler() {
+    if !uffd_ok("restore_discard_on_memfd_memory_is_seen_by_the_handler") {
+        return;
+    }
+    let layout = [(GuestAddress(0), 2 * MIB)];
+    let src = source(&layout, 19);
+    let file = snapshot_of(&src, lazy::DEFAULT_CHUNK_SIZE);
+    let options = LazyOptions::new().prefetch(false);
+    let restore = lazy::restore_lazy_with::<AtomicBitmap, _>(&file, options, |_, b| {
+        b.backing(Backing::Memfd(MemfdOptions::new("lazy-discard")))
+    })
+    .unwrap();
+    let mem = restore.memory();
+    let mut expect = common::contents(&src);
+    // A placed range and a range never placed, both discarded with MADV_REMOVE.
+    let _ = mem.read_obj::<u8>(GuestAddress(0x8000)).unwrap();
+    restore.discard(GuestAddress(0x8000), 0x4000).unwrap();
+    restore.discard(GuestAddress(0x10_0000), 0x10000).unwrap();
+    expect[0][0x8000..0xc000].fill(0);
+    expect[0][0x10_0000..0x11_0000].fill(0);
+    assert_eq!(mem.dirty_page_count().unwrap(), 4 + 16);
+    assert_eq!(common::contents(mem), expect);
+    // Refused: outside memory, across the end, misaligned, empty.
+    assert!(matches!(restore.discard(GuestAddress(4 * MIB as u64), 4096), Err(LazyError::Memory(_))));
+    assert!(matches!(restore.discard(GuestAddress(2 * MIB as u64 - 4096), 8192), Err(LazyError::Memory(_))));
+    assert!(matches!(restore.discard(GuestAddress(0x10), 4096), Err(LazyError::Memory(_))));
+    assert!(matches!(restore.discard(GuestAddress(0), 0), Err(LazyError::Memory(_))));
+    assert!(restore.wait_complete(Some(Duration::from_secs(5))).unwrap());
+    restore.stop().unwrap_complete().unwrap();
+}
+
+#[test]
 fn stop_midway_parks_faults_and_resume_serves_them() {
     if !uffd_ok("stop_midway_parks_faults_and_resume_serves_them") {
         return;

@@ -106,14 +106,16 @@ use std::time::{Duration, Instant};
 use super::format::HEADER_CHECKSUM_OFFSET;
 use super::{checksum_area, io_err, SnapshotError, SnapshotInfo, SnapshotKind, SnapshotRegion};
 use crate::address::GuestAddress;
-use crate::bitmap::NewBitmap;
+use crate::bitmap::{Bitmap, NewBitmap};
 use crate::bytes::{le_u32, le_u64, put_le_u32, put_le_u64};
 use crate::checksum::Checksum;
+use crate::memory::GuestMemory;
 use crate::memory::{GuestMemoryError, GuestMemoryMmap};
-use crate::mmap::MmapRegionBuilder;
-use crate::region::GuestRegionMmap;
+use crate::mmap::{MmapError, MmapRegionBuilder};
+use crate::region::{GuestMemoryRegion, GuestRegionMmap};
 use crate::sys::fd::{lseek_data, SeekData};
 use crate::sys::uffd::{self, Features, Ioctls, OpenVia, RegisterMode, Uffd, UffdEvent};
+use crate::sys::{Advice, MapFlags};
 use crate::uffd::{Handover, HandoverError, HandoverRegion};
 
 /// The magic of a chunk table.
@@ -1246,6 +1248,67 @@ impl<B> Lazy<GuestMemoryMmap<B>> {
     /// The restored memory (cheap to clone). Register it with KVM, start the vCPUs.
     pub fn memory(&self) -> &GuestMemoryMmap<B> {
         &self.memory
+    }
+}
+
+impl<B: Bitmap> Lazy<GuestMemoryMmap<B>> {
+    /// Frees `[addr, addr + len)` of the restored memory (one region; multiples of its page
+    /// size) the way the handler sees: `MADV_DONTNEED` for private memory, `MADV_REMOVE` for
+    /// shared memory (memfd, shared anonymous), each of which is an `EVENT_REMOVE`, so the
+    /// range reads as zeros afterwards and is never filled from the snapshot. Use it rather
+    /// than [`MmapRegion::discard`](crate::mmap::MmapRegion::discard) while the restore runs:
+    /// that one punches holes in a memfd, which sends no event, so a page the handler had not
+    /// placed yet would still be filled. The range is marked dirty.
+    ///
+    /// ```
+    /// use guestmem::mmap::{Backing, MemfdOptions};
+    /// use guestmem::snapshot::{self, lazy};
+    /// use guestmem::{Bytes, GuestAddress, GuestMemoryMmap};
+    /// # if guestmem::sys::uffd::available_features(guestmem::sys::uffd::OpenVia::Any).is_err() { return; }
+    /// let src = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+    /// src.write_obj(1u8, GuestAddress(0x5000)).unwrap();
+    /// let file = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+    /// snapshot::dump(&src, &file).unwrap();
+    /// let options = lazy::LazyOptions::new().prefetch(false);
+    /// let restore = lazy::restore_lazy_with::<(), _>(&file, options, |_, b| b.backing(Backing::Memfd(MemfdOptions::new("ram")))).unwrap();
+    /// restore.discard(GuestAddress(0x4000), 0x4000).unwrap(); // a balloon took these pages
+    /// assert_eq!(restore.memory().read_obj::<u8>(GuestAddress(0x5000)).unwrap(), 0);
+    /// assert!(restore.discard(GuestAddress(0x4001), 0x1000).is_err());
+    /// ```
+    pub fn discard(&self, addr: GuestAddress, len: usize) -> Result<()> {
+        let (region, offset) =
+            self.memory.to_region_addr(addr).ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
+        let offset = offset.0 as usize;
+        let m = region.mapping();
+        let base = region.start_addr();
+        let mmap_err = |source| LazyError::Memory(GuestMemoryError::Mmap { base, source });
+        if offset.checked_add(len).is_none_or(|end| end > m.size()) {
+            return Err(GuestMemoryError::NotContiguous { addr, len }.into());
+        }
+        let page = m.page_size();
+        if len == 0 {
+            return Err(mmap_err(MmapError::ZeroSize));
+        }
+        for (what, value) in [("discard offset", offset), ("discard length", len)] {
+            if !value.is_multiple_of(page) {
+                return Err(mmap_err(MmapError::Unaligned {
+                    what,
+                    value: value as u64,
+                    page_size: page as u64,
+                }));
+            }
+        }
+        if !m.protection().is_writable() {
+            return Err(mmap_err(MmapError::ReadOnly { offset, len }));
+        }
+        let advice = if m.flags().contains(MapFlags::SHARED) { Advice::Remove } else { Advice::DontNeed };
+        // SAFETY: the range lies inside one of our own mappings (checked above). Guest memory
+        // is only accessed through volatile accesses and raw copies, never references, so
+        // dropping its contents under concurrent users is a concurrent write of zeros.
+        unsafe { crate::sys::madvise(m.as_ptr().add(offset), len, advice) }
+            .map_err(|source| mmap_err(MmapError::Discard { offset, len, source }))?;
+        m.bitmap().mark_dirty(offset, len);
+        Ok(())
     }
 }
 
