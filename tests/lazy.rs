@@ -865,3 +865,69 @@ fn every_lazy_and_handover_error_variant_reachable_here_is_produced() {
         true,
     );
 }
+
+/// Runs as the child of `kvm_guest_access_to_a_poisoned_bad_chunk_exits`: restores a snapshot
+/// with a corrupt chunk, bad chunks poisoned, and lets a guest write there.
+#[test]
+fn poisoned_chunk_child_process() {
+    if std::env::var("GUESTMEM_POISON_CHILD").is_err() {
+        return;
+    }
+    let mut vm = TestVm::new().unwrap();
+    let layout = [(GuestAddress(0), 4 * MIB)];
+    let src = source(&layout, 20);
+    let target = 3 * MIB as u64 + 0x100;
+    let code = kvm_guest::write_program(&[(target, 0x77)]).unwrap();
+    src.write_slice(&code, GuestAddress(CODE_GPA)).unwrap();
+    let file = snapshot_of(&src, lazy::DEFAULT_CHUNK_SIZE);
+    corrupt(&file, target + 8);
+    // SAFETY: this process never touches the bad chunk from the host; only the guest does.
+    let options = unsafe { LazyOptions::new().poison_bad_chunks() };
+    let restore = lazy::restore_lazy_with::<(), _>(&file, options, |_, b| b).unwrap();
+    let e = restore.wait_complete(Some(Duration::from_secs(10))).unwrap_err();
+    eprintln!("restore: {e}");
+    // SAFETY: the VM is dropped before `restore`.
+    unsafe { add_slots(&mut vm, restore.memory()) };
+    vm.add_vcpu().unwrap();
+    kvm_guest::enter_real_mode(vm.vcpu(0).unwrap(), CODE_GPA).unwrap();
+    let r = kvm_guest::run_to_hlt(vm.vcpu(0).unwrap());
+    eprintln!("guest write to the poisoned chunk: {r:?}");
+    assert!(matches!(r, Err(kvm_guest::GuestError::UnexpectedExit { .. })), "{r:?}");
+    drop(vm);
+}
+
+#[test]
+fn kvm_guest_access_to_a_poisoned_bad_chunk_exits() {
+    if kvm_vm("kvm_guest_access_to_a_poisoned_bad_chunk_exits").is_none() {
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["poisoned_chunk_child_process", "--exact", "--nocapture", "--test-threads=1"])
+        .env("GUESTMEM_POISON_CHILD", "1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the guest waited on the poisoned chunk instead of exiting");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    // Either the vCPU exits to the VMM (an MMIO exit here, on kvm_pvm) or KVM raises a memory
+    // error SIGBUS on the vCPU thread (other KVMs): the VMM sees it either way; never a wait,
+    // never the corrupt bytes.
+    use std::os::unix::process::ExitStatusExt;
+    assert!(status.success() || status.signal() == Some(libc::SIGBUS), "{status:?}\n{err}");
+    assert!(err.contains("chunk checksum mismatch"), "{err}");
+    assert!(
+        status.signal().is_some() || err.contains("guest write to the poisoned chunk: Err(UnexpectedExit"),
+        "{err}"
+    );
+}
