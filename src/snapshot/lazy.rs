@@ -129,6 +129,9 @@ pub const CHUNK_TABLE_VERSION: u32 = 1;
 pub const DEFAULT_CHUNK_SIZE: u64 = 16 << 10;
 /// Bytes of the chunk table's header.
 const TABLE_HEADER_LEN: u64 = 64;
+/// Bytes the prefetch reads and places at once (in whole units): one read and few copies for
+/// many chunks, short enough that a demand fault waits little behind it.
+const PREFETCH_BATCH: u64 = 256 << 10;
 /// The largest chunk size.
 const MAX_CHUNK_SIZE: u64 = 1 << 30;
 /// The most bytes of chunk table read (1 GiB of checksums covers 2 PiB in 16 KiB chunks).
@@ -489,11 +492,13 @@ fn zero_checksum(n: u64) -> u64 {
     c.finish()
 }
 
-/// Remembers the last `SEEK_DATA` answer: `[from, next_data)` is a hole.
+/// Remembers the last `SEEK_DATA`/`SEEK_HOLE` answers: `[from, next_data)` is a hole and
+/// `[next_data, next_hole)` data, so that consecutive units cost no call.
 #[derive(Debug, Default)]
 struct HoleCache {
     from: u64,
     next_data: u64,
+    next_hole: u64,
     unsupported: bool,
 }
 
@@ -507,15 +512,23 @@ impl HoleCache {
         if start >= self.from && end <= self.next_data {
             return true;
         }
+        if start >= self.next_data && start < self.next_hole {
+            return false;
+        }
         match lseek_data(file.as_fd(), start, SeekData::Data) {
             Ok(Some(d)) => {
                 self.from = start;
                 self.next_data = d;
+                self.next_hole = match lseek_data(file.as_fd(), d, SeekData::Hole) {
+                    Ok(Some(h)) => h,
+                    _ => d,
+                };
                 end <= d
             }
             Ok(None) => {
                 self.from = start;
                 self.next_data = u64::MAX;
+                self.next_hole = u64::MAX;
                 true
             }
             Err(_) => {
@@ -737,11 +750,14 @@ struct Handler {
     buf: Vec<u8>,
     zeros: Vec<u8>,
     holes: Vec<HoleCache>,
+    /// What each unit of the batch being placed holds (`None`: it failed).
+    kinds: Vec<Option<UnitData>>,
     /// Faults held on failed units (address), woken never: kept for the record.
     held: u64,
 }
 
 /// What a unit's data turned out to be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum UnitData {
     Zero,
     Bytes,
@@ -852,7 +868,7 @@ impl Handler {
             return;
         }
         // A page the unit did not place (it failed) stays pending.
-        self.place_unit(ri, unit, true);
+        self.place_units(ri, unit, 1, true);
     }
 
     /// Places zeros at page `page` of region `ri` (a fault on a page that was discarded or
@@ -919,15 +935,27 @@ impl Handler {
         while self.cursor.0 < self.regions.len() {
             let (ri, unit) = self.cursor;
             let r = &self.regions[ri];
-            if unit >= r.units() {
+            let units = r.units();
+            if unit >= units {
                 self.cursor = (ri + 1, 0);
                 continue;
             }
-            self.cursor.1 += 1;
             if bit(&r.failed, unit) || self.unit_resolved(ri, unit) {
+                self.cursor.1 += 1;
                 continue;
             }
-            self.place_unit(ri, unit, false);
+            // A batch of consecutive units still to do, read at once.
+            let most = (PREFETCH_BATCH / r.unit).max(1);
+            let mut count = 1;
+            while count < most
+                && unit + count < units
+                && !bit(&self.regions[ri].failed, unit + count)
+                && !self.unit_resolved(ri, unit + count)
+            {
+                count += 1;
+            }
+            self.cursor.1 += count;
+            self.place_units(ri, unit, count, false);
             return;
         }
     }
@@ -1004,93 +1032,104 @@ impl Handler {
         false
     }
 
-    /// Reads and checks unit `unit` of region `ri` into `self.buf`.
-    fn load_unit(&mut self, ri: usize, unit: u64) -> std::result::Result<UnitData, FailureReason> {
+    /// Checks unit `unit` of region `ri`, whose bytes are at `self.buf[off..off + len]` (zeros
+    /// for a hole): its chunks against the table. Returns what the unit holds.
+    fn check_unit(
+        &mut self,
+        ri: usize,
+        unit: u64,
+        off: u64,
+        len: u64,
+    ) -> std::result::Result<UnitData, FailureReason> {
         let r = &self.regions[ri];
-        let start = unit * r.unit;
-        let len = r.unit.min(r.len - start);
-        let at = r.data_offset + start;
+        let at = r.data_offset + unit * r.unit;
         let hole = self.holes[ri].is_hole(&self.file, at, at + len);
         let Some(chunk) = self.chunk else {
-            if hole {
-                return Ok(UnitData::Zero);
-            }
-            let buf = &mut self.buf[..len as usize];
-            self.file
-                .read_exact_at(buf, at)
-                .map_err(|e| FailureReason::Read { offset: at, errno: e.raw_os_error() })?;
-            self.shared.bytes_read.fetch_add(len, Ordering::Relaxed);
-            return Ok(UnitData::Bytes);
+            return Ok(if hole { UnitData::Zero } else { UnitData::Bytes });
         };
         let sums = r.chunk_sums.as_deref().unwrap_or(&[]);
-        let first_chunk = start / chunk;
-        if !hole {
-            let buf = &mut self.buf[..len as usize];
-            self.file
-                .read_exact_at(buf, at)
-                .map_err(|e| FailureReason::Read { offset: at, errno: e.raw_os_error() })?;
-            self.shared.bytes_read.fetch_add(len, Ordering::Relaxed);
-        }
-        let mut off = 0;
-        let mut i = first_chunk;
-        while off < len {
-            let n = chunk.min(len - off);
+        let mut done = 0;
+        let mut i = unit * r.unit / chunk;
+        while done < len {
+            let n = chunk.min(len - done);
             let computed = if hole {
                 zero_checksum(n)
             } else {
-                Checksum::of(&self.buf[off as usize..(off + n) as usize])
+                Checksum::of(&self.buf[(off + done) as usize..(off + done + n) as usize])
             };
             let stored = sums.get(i as usize).copied().unwrap_or(!computed);
             if computed != stored {
                 return Err(FailureReason::ChunkChecksum { stored, computed });
             }
-            off += n;
+            done += n;
             i += 1;
         }
         Ok(if hole { UnitData::Zero } else { UnitData::Bytes })
     }
 
-    /// Loads, checks and places the missing pages of a unit; false if it failed. The pages are
-    /// placed without waking, and the waiters woken once the counters say so, so that a thread
-    /// that resumes sees the progress that let it.
-    fn place_unit(&mut self, ri: usize, unit: u64, demand: bool) -> bool {
+    /// Loads, checks and places the missing pages of units `[first, first + count)` of region
+    /// `ri` (one read for all of them, each checked on its own); returns how many were placed.
+    /// A unit that fails is never placed. The pages are placed without waking, and the waiters
+    /// woken once the counters say so, so that a thread that resumes sees the progress that let
+    /// it.
+    fn place_units(&mut self, ri: usize, first: u64, count: u64, demand: bool) -> u64 {
         if self.chunk.is_none() && !self.verify_region(ri) {
-            return false;
+            return 0;
         }
-        let data = match self.load_unit(ri, unit) {
-            Ok(d) => d,
-            Err(reason) => {
-                self.fail_unit(ri, unit, reason);
-                return false;
-            }
-        };
-        let pages = self.unit_pages(ri, unit);
-        let unit_start = unit * self.regions[ri].unit;
-        let (page, hugetlb, host) = {
+        let (unit_len, region_len, data_offset, page, hugetlb, host) = {
             let r = &self.regions[ri];
-            (r.page, r.hugetlb, r.host)
+            (r.unit, r.len, r.data_offset, r.page, r.hugetlb, r.host)
         };
+        let start = first * unit_len;
+        let end = ((first + count) * unit_len).min(region_len);
+        let at = data_offset + start;
+        if !self.holes[ri].is_hole(&self.file, at, data_offset + end) {
+            let buf = &mut self.buf[..(end - start) as usize];
+            if let Err(e) = self.file.read_exact_at(buf, at) {
+                for u in first..first + count {
+                    self.fail_unit(ri, u, FailureReason::Read { offset: at, errno: e.raw_os_error() });
+                }
+                return 0;
+            }
+            self.shared.bytes_read.fetch_add(end - start, Ordering::Relaxed);
+        }
+        let mut kinds = std::mem::take(&mut self.kinds);
+        kinds.clear();
+        for u in first..first + count {
+            let off = u * unit_len - start;
+            let len = unit_len.min(end - u * unit_len);
+            match self.check_unit(ri, u, off, len) {
+                Ok(kind) => kinds.push(Some(kind)),
+                Err(reason) => {
+                    self.fail_unit(ri, u, reason);
+                    kinds.push(None);
+                }
+            }
+        }
         if hugetlb && self.zeros.len() < page as usize {
             self.zeros = vec![0; page as usize];
         }
-        // Runs of pages that are neither placed nor discarded.
+        let kind_of = |kinds: &[Option<UnitData>], p: u64| kinds[(p * page / unit_len - first) as usize];
+        let missing = |r: &RegionState, p: u64| !bit(&r.placed, p) && !bit(&r.discarded, p);
+        let (first_page, end_page) = (start / page, end / page);
         let mut newly = 0;
-        let mut p = pages.start;
-        while p < pages.end {
+        let mut placed_units = kinds.iter().filter(|k| k.is_some()).count() as u64;
+        let mut p = first_page;
+        while p < end_page {
             let r = &self.regions[ri];
-            if bit(&r.placed, p) || bit(&r.discarded, p) {
+            let Some(kind) = kind_of(&kinds, p).filter(|_| missing(r, p)) else {
                 p += 1;
                 continue;
-            }
+            };
             let mut q = p + 1;
-            while q < pages.end && !bit(&r.placed, q) && !bit(&r.discarded, q) {
+            while q < end_page && missing(r, q) && kind_of(&kinds, q) == Some(kind) {
                 q += 1;
             }
             let dst = (host + p * page) as *mut u8;
             let len = ((q - p) * page) as usize;
-            let res = match data {
+            let res = match kind {
                 UnitData::Bytes => {
-                    let off = (p * page - unit_start) as usize;
+                    let off = (p * page - start) as usize;
                     self.uffd.copy(dst, &self.buf[off..off + len], false)
                 }
                 UnitData::Zero if hugetlb => {
@@ -1098,7 +1137,6 @@ impl Handler {
                     let mut done = 0;
                     let mut r = Ok(0);
                     while done < len {
-                        // SAFETY-free: the address is only passed to the kernel.
                         let at = (dst as usize + done) as *mut u8;
                         match self.uffd.copy(at, &self.zeros[..page as usize], false) {
                             Ok(n) => done += n,
@@ -1121,33 +1159,29 @@ impl Handler {
                 set_bit(&mut r.placed, k, true);
             }
             newly += done / page;
+            p += done / page;
             if let Some(e) = err {
+                // The unit of the page that could not be placed fails; the others go on.
                 let reason = if e.raw_os_error() == Some(libc::EEXIST) {
                     FailureReason::AlreadyPresent
                 } else {
                     FailureReason::Uffd { op: "UFFDIO_COPY", errno: e.raw_os_error() }
                 };
-                self.resolve(newly);
-                let r = &self.regions[ri];
-                let end = ((unit + 1) * r.unit).min(r.len);
-                // Wake the waiters of the pages that were placed; those of the rest fault again
-                // and are held.
-                let _ = self.uffd.wake((host + unit_start) as *mut u8, (end - unit_start) as usize);
-                self.fail_unit(ri, unit, reason);
-                return false;
+                let u = p * page / unit_len;
+                self.fail_unit(ri, u, reason);
+                kinds[(u - first) as usize] = None;
+                placed_units -= 1;
+                p = ((u + 1) * unit_len / page).max(p + 1);
             }
-            p = q;
         }
-        if demand {
-            self.shared.demand_units.fetch_add(1, Ordering::Relaxed);
-        } else {
-            self.shared.prefetch_units.fetch_add(1, Ordering::Relaxed);
-        }
+        self.kinds = kinds;
+        let counter = if demand { &self.shared.demand_units } else { &self.shared.prefetch_units };
+        counter.fetch_add(placed_units, Ordering::Relaxed);
         self.resolve(newly);
-        let r = &self.regions[ri];
-        let end = ((unit + 1) * r.unit).min(r.len);
-        let _ = self.uffd.wake((host + unit_start) as *mut u8, (end - unit_start) as usize);
-        true
+        // Wake the waiters of the span: those of pages that were not placed fault again and are
+        // held.
+        let _ = self.uffd.wake((host + start) as *mut u8, (end - start) as usize);
+        placed_units
     }
 }
 
@@ -1564,9 +1598,10 @@ fn handler_for(
         cursor: (0, 0),
         shared,
         started,
-        buf: vec![0; max_unit as usize],
+        buf: vec![0; max_unit.max(PREFETCH_BATCH) as usize],
         zeros: Vec::new(),
         holes,
+        kinds: Vec::new(),
         held: 0,
     })
 }
