@@ -62,7 +62,8 @@ fn snapshot_file() -> File {
 }
 
 fn demand_only() -> lazy::LazyOptions {
-    lazy::LazyOptions::new().prefetch(false)
+    let spin = std::env::var("GUESTMEM_LAZY_SPIN_US").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    lazy::LazyOptions::new().prefetch(false).spin(Duration::from_micros(spin))
 }
 
 fn lazy_return(c: &mut Criterion, file: &File) {
