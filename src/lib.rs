@@ -49,6 +49,7 @@ mod pod;
 pub mod region;
 pub mod snapshot;
 pub mod sys;
+pub mod uffd;
 pub mod volatile;
 
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};
