@@ -35,6 +35,8 @@ pub mod atomic;
 pub mod bitmap;
 pub mod bytes;
 pub mod checksum;
+#[cfg(feature = "vm-memory")]
+pub mod compat;
 pub mod dirty;
 pub mod host;
 pub mod iommu;
@@ -43,10 +45,12 @@ pub mod kvm;
 pub mod memory;
 pub mod migration;
 pub mod mmap;
+pub mod plug;
 mod pod;
 pub mod region;
 pub mod snapshot;
 pub mod sys;
+pub mod uffd;
 pub mod vhost_user;
 pub mod volatile;
 

@@ -15,6 +15,7 @@
 use std::mem::size_of;
 use std::ops::Deref;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use crate::address::{Address, GuestAddress, GuestUsize, MemoryRegionAddress};
 use crate::bitmap::Bitmap;
@@ -239,6 +240,8 @@ pub trait GuestMemoryRegion {
 pub struct GuestRegionMmap<B = ()> {
     mapping: MmapRegion<B>,
     guest_base: GuestAddress,
+    /// The region KVM maps in this one's place (a block group of a plug-state device).
+    kvm_group: Option<Arc<GuestRegionMmap<B>>>,
 }
 
 impl<B: Bitmap> GuestRegionMmap<B> {
@@ -258,7 +261,26 @@ impl<B: Bitmap> GuestRegionMmap<B> {
     /// ```
     pub fn new(mapping: MmapRegion<B>, guest_base: GuestAddress) -> Result<Self, GuestMemoryError> {
         check_placement(guest_base, mapping.size() as u64)?;
-        Ok(GuestRegionMmap { mapping, guest_base })
+        Ok(GuestRegionMmap { mapping, guest_base, kvm_group: None })
+    }
+
+    /// A region that KVM maps as part of `group` (a larger region holding it, at the same
+    /// host and guest offsets), not on its own.
+    pub(crate) fn in_kvm_group(
+        mapping: MmapRegion<B>,
+        guest_base: GuestAddress,
+        group: Arc<GuestRegionMmap<B>>,
+    ) -> Result<Self, GuestMemoryError> {
+        check_placement(guest_base, mapping.size() as u64)?;
+        Ok(GuestRegionMmap { mapping, guest_base, kvm_group: Some(group) })
+    }
+
+    /// The region KVM should map in this one's place, if any: the block group of a plug-state
+    /// device ([`plug`](crate::plug)) that this region (a run of plugged blocks) is part of.
+    /// A memslot per group, not per run, keeps the slots still while blocks are plugged and
+    /// unplugged inside it; `KvmSlots` follows it.
+    pub fn kvm_group(&self) -> Option<&Arc<GuestRegionMmap<B>>> {
+        self.kvm_group.as_ref()
     }
 
     /// The mapping behind the region.

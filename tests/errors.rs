@@ -264,6 +264,7 @@ fn bitmap_error() {
         BitmapError::OutOfMemory { .. } => "OutOfMemory",
         BitmapError::BufferTooShort { .. } => "BufferTooShort",
         BitmapError::TooManyWords { .. } => "TooManyWords",
+        BitmapError::InvalidWindow { .. } => "InvalidWindow",
         BitmapError::NotTracking => "NotTracking",
     };
     let bm = AtomicBitmap::new(1 << 20, 4096).unwrap();
@@ -273,11 +274,12 @@ fn bitmap_error() {
         AtomicBitmap::new(usize::MAX, 1).unwrap_err(),
         bm.take_dirty_words(&mut [0u64; 1]).unwrap_err(),
         bm.merge_words(&[0u64; 100]).unwrap_err(),
+        bm.window(4096, 64 * 4096).unwrap_err(),
         none.dirty_page_count().unwrap_err(),
     ];
     covers(
         "BitmapError",
-        &["InvalidPageSize", "OutOfMemory", "BufferTooShort", "TooManyWords", "NotTracking"],
+        &["InvalidPageSize", "OutOfMemory", "BufferTooShort", "TooManyWords", "InvalidWindow", "NotTracking"],
         produced.iter().map(name),
     );
 }

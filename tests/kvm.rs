@@ -589,6 +589,7 @@ fn every_kvm_error_variant_is_produced() {
         KvmError::Bitmap { .. } => "Bitmap",
         KvmError::SlotChanged { .. } => "SlotChanged",
         KvmError::RingMap(_) => "RingMap",
+        KvmError::GuestMemfd { .. } => "GuestMemfd",
         KvmError::LogBuffer { .. } => "LogBuffer",
     };
     let mut produced = Vec::new();
@@ -652,7 +653,8 @@ fn every_kvm_error_variant_is_produced() {
     produced.push(changed.sync_dirty_log().unwrap_err());
     drop(changed);
     drop(big);
-    // `LogBuffer`: log_buffer_allocation_failure_is_an_error; `Unsupported`: not on this kernel.
+    // `LogBuffer`: log_buffer_allocation_failure_is_an_error; `GuestMemfd`:
+    // guest_memfd_regions_are_guest_ram; `Unsupported`: not on this kernel.
     common::assert_every_variant(
         &produced,
         name,
@@ -676,4 +678,144 @@ fn every_kvm_error_variant_is_produced() {
         ],
         false,
     );
+}
+
+/// guest_memfd as guest RAM (issue 13, part 3): a region mapped from a guest_memfd made with
+/// `KvmSlots::create_guest_memfd` gets a `KVM_MEM_GUEST_MEMFD` slot; a real guest's writes land
+/// in it and the host sees them through the region; a discard punches a hole the guest then
+/// reads as zeros; KVM cannot log the slot, so every sync reports it whole; what KVM refuses
+/// is an error.
+#[test]
+fn guest_memfd_regions_are_guest_ram() {
+    let Some(mut vm) = vm("guest_memfd_regions_are_guest_ram") else { return };
+    let mut slots = slots_on(&vm, true);
+    let gmem = slots.create_guest_memfd(1 << 20).unwrap();
+    assert!(guestmem::sys::kvm::is_guest_memfd(std::os::fd::AsFd::as_fd(&gmem)).unwrap());
+    // Its size is fixed: no truncation can make its mapping fault.
+    assert!(gmem.set_len(0).is_err());
+    let private = GuestRegionMmap::build(
+        MmapRegionBuilder::<AtomicBitmap>::new(1 << 20)
+            .backing(Backing::File { file: guestmem::mmap::FileOffset::new(gmem, 0), shared: true }),
+        GuestAddress(GIB),
+    )
+    .unwrap();
+    let mem = Mem::from_regions(vec![anon(0, 1 << 20), private]).unwrap();
+    slots.register(&mem).unwrap();
+    vm.add_vcpu().unwrap();
+    mem.take_dirty_ranges(|_, _| {}).unwrap();
+    kvm_guest::run_writes(
+        vm.vcpu(0).unwrap(),
+        CODE_GPA,
+        &[(GIB + 0x1234, 0xab), (GIB + 0x8000, 0xcd)],
+        &mut loader(&mem),
+    )
+    .unwrap();
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(GIB + 0x1234)).unwrap(), 0xab);
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(GIB + 0x8000)).unwrap(), 0xcd);
+    // Not loggable: reported dirty as a whole (256 pages) beside the logged code page.
+    let reported = slots.sync_dirty_log().unwrap();
+    assert!(reported >= 256, "{reported}");
+    let dirty = harvest(&mem);
+    assert!((GIB / PAGE..GIB / PAGE + 256).all(|p| dirty.contains(&p)));
+    // A punched hole reads zero for the guest too.
+    mem.regions()[1].discard(0x8000, 0x1000).unwrap();
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(GIB + 0x8000)).unwrap(), 0);
+    // What KVM refuses: a read-only guest_memfd slot, and another VM's guest_memfd.
+    let other_vm = TestVm::new().unwrap();
+    let mut other = slots_on(&other_vm, false);
+    let ro_gmem = other.create_guest_memfd(1 << 20).unwrap();
+    let ro = GuestRegionMmap::build(
+        MmapRegionBuilder::<AtomicBitmap>::new(1 << 20)
+            .protection(Protection::READ)
+            .backing(Backing::File { file: guestmem::mmap::FileOffset::new(ro_gmem, 0), shared: true }),
+        GuestAddress(0),
+    )
+    .unwrap();
+    let e = other.register(&Mem::from_regions(vec![ro]).unwrap()).unwrap_err();
+    assert!(matches!(e, KvmError::GuestMemfd { .. }), "{e}");
+    let foreign = slots.create_guest_memfd(1 << 20).unwrap();
+    let foreign = GuestRegionMmap::build(
+        MmapRegionBuilder::<AtomicBitmap>::new(1 << 20)
+            .backing(Backing::File { file: guestmem::mmap::FileOffset::new(foreign, 0), shared: true }),
+        GuestAddress(0),
+    )
+    .unwrap();
+    let e = other.register(&Mem::from_regions(vec![foreign]).unwrap()).unwrap_err();
+    assert!(matches!(e, KvmError::Ioctl { op: "KVM_SET_USER_MEMORY_REGION", .. }), "{e}");
+}
+
+/// virtio-mem plug state with real KVM (issue 13, part 4): one memslot per block group with a
+/// plugged block; a guest's writes into plugged blocks reach the device's memory and its dirty
+/// bits; a block unplugged inside a live group is fenced (the guest touching it makes `KVM_RUN`
+/// fail, never reaches other memory); a group whose last block goes loses its slot first, and
+/// only then its fence goes up; plugging brings slot and zero memory back.
+#[test]
+fn plug_state_follows_block_groups_in_kvm() {
+    use guestmem::plug::{PlugBacking, PlugConfig, PlugDevice};
+    let Some(mut vm) = vm("plug_state_follows_block_groups_in_kvm") else { return };
+    const DEV: u64 = 0x8000_0000;
+    const BLOCK: u64 = 2 << 20;
+    let dev = PlugDevice::<AtomicBitmap>::new(PlugConfig {
+        guest_base: GuestAddress(DEV),
+        size: 64 << 20,
+        block_size: BLOCK,
+        group_size: 16 << 20,
+        backing: PlugBacking::Anonymous,
+    })
+    .unwrap();
+    let ram = Mem::from_regions(vec![anon(0, 1 << 20)]).unwrap();
+    let mut slots = slots_on(&vm, true);
+    vm.add_vcpu().unwrap();
+    let at = |b: u64, off: u64| DEV + b * BLOCK + off;
+    let mem = {
+        let m = dev.plug(&ram, 0, 3).unwrap();
+        dev.plug(&m, 8, 1).unwrap()
+    };
+    slots.register(&mem).unwrap();
+    let groups = |s: &Slots| s.slots().filter(|x| x.1 .0 >= DEV).map(|x| (x.1, x.2)).collect::<Vec<_>>();
+    assert_eq!(groups(&slots), [(GuestAddress(DEV), 16 << 20), (GuestAddress(DEV + (16 << 20)), 16 << 20)]);
+    mem.take_dirty_ranges(|_, _| {}).unwrap();
+    kvm_guest::run_writes(
+        vm.vcpu(0).unwrap(),
+        CODE_GPA,
+        &[(at(0, 8), 1), (at(2, 0x3000), 2), (at(8, 16), 3)],
+        &mut loader(&mem),
+    )
+    .unwrap();
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 2);
+    slots.sync_dirty_log().unwrap();
+    let dirty = harvest(&mem);
+    for gpa in [at(0, 8), at(2, 0x3000), at(8, 16)] {
+        assert!(dirty.contains(&(gpa / PAGE)), "{gpa:#x} not in the harvest");
+    }
+    // Unplug block 1 inside group 0: the group keeps its slot, the block is fenced once the old
+    // memory goes, and a guest write there fails instead of landing anywhere.
+    let next = dev.unplug(&mem, 1, 1).unwrap();
+    slots.register(&next).unwrap();
+    assert_eq!(groups(&slots).len(), 2);
+    drop(mem);
+    assert!(dev.is_fenced(1));
+    let r = kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(at(1, 8), 9)], &mut loader(&next));
+    assert!(r.is_err(), "a guest write to an unplugged, fenced block succeeded");
+    assert_eq!(next.read_obj::<u8>(GuestAddress(at(0, 8))).unwrap(), 1);
+    // Group 0 empties: its slot goes before its fence is up.
+    let empty0 = dev.unplug(&next, 0, 1).unwrap();
+    let empty0 = {
+        let m = dev.unplug(&empty0, 2, 1).unwrap();
+        drop(empty0);
+        m
+    };
+    drop(next);
+    assert!(!dev.is_fenced(0), "fenced while KVM still has the group's slot");
+    slots.register(&empty0).unwrap();
+    assert_eq!(groups(&slots), [(GuestAddress(DEV + (16 << 20)), 16 << 20)]);
+    assert!(dev.is_fenced(0) && dev.is_fenced(2));
+    // Plug again: the slot comes back, the memory is zeros, and the guest can write it.
+    let back = dev.plug(&empty0, 2, 1).unwrap();
+    drop(empty0);
+    slots.register(&back).unwrap();
+    assert_eq!(groups(&slots).len(), 2);
+    assert_eq!(back.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 0);
+    kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(at(2, 0x3000), 7)], &mut loader(&back)).unwrap();
+    assert_eq!(back.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 7);
 }

@@ -1,7 +1,9 @@
 //! [`AtomicBitmap`]: one bit per page in 64-bit atomic words, KVM's dirty-log layout.
 
 use std::fmt;
+use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use super::{Bitmap, BitmapError, BitmapSlice, DirtyHarvest, NewBitmap};
 
@@ -40,7 +42,11 @@ const WORD_BITS: usize = u64::BITS as usize;
 /// assert_eq!(bitmap.dirty_page_count(), 0); // taking clears
 /// ```
 pub struct AtomicBitmap {
-    words: Box<[AtomicU64]>,
+    /// The first of this bitmap's words, which live in `storage` (shared with the bitmaps it
+    /// is a window of, or that are windows of it).
+    first: NonNull<AtomicU64>,
+    num_words: usize,
+    storage: Arc<Words>,
     /// Bytes covered: the region's length.
     byte_len: usize,
     /// `byte_len` rounded up to pages, in pages.
@@ -68,12 +74,19 @@ impl AtomicBitmap {
     /// ```
     pub fn new(byte_len: usize, page_size: usize) -> Result<Self, BitmapError> {
         let (num_pages, num_words, page_shift) = geometry(byte_len, page_size)?;
-        let words = zeroed_words(num_words).ok_or(BitmapError::OutOfMemory {
+        let storage = Words::zeroed(num_words).ok_or(BitmapError::OutOfMemory {
             byte_len,
             page_size,
             words_bytes: num_words.saturating_mul(8),
         })?;
-        Ok(AtomicBitmap { words, byte_len, num_pages, page_shift })
+        Ok(AtomicBitmap {
+            first: storage.ptr,
+            num_words,
+            storage: Arc::new(storage),
+            byte_len,
+            num_pages,
+            page_shift,
+        })
     }
 
     /// The page size in bytes: the granularity of marks.
@@ -123,7 +136,60 @@ impl AtomicBitmap {
     /// ```
     #[inline]
     pub fn num_words(&self) -> usize {
-        self.words.len()
+        self.num_words
+    }
+
+    /// The words, in KVM's layout.
+    #[inline(always)]
+    fn words(&self) -> &[AtomicU64] {
+        // SAFETY: `first..first + num_words` lies in `storage`'s allocation of zero-initialized
+        // `AtomicU64`s (checked when the bitmap or window was made), which lives as long as
+        // `self` holds its `Arc`.
+        unsafe { std::slice::from_raw_parts(self.first.as_ptr(), self.num_words) }
+    }
+
+    /// A bitmap for the `len` bytes at byte `offset` of this one's region, sharing its words:
+    /// marks made through either are the same bits, and a harvest through either takes them
+    /// once. Regions rebuilt over the same memory (the spans of a plug-state device) keep one
+    /// set of bits this way.
+    ///
+    /// The window must start on a word (a multiple of 64 pages) and end on one or at this
+    /// bitmap's end, so that no word is shared with a neighbouring window
+    /// ([`BitmapError::InvalidWindow`] otherwise).
+    ///
+    /// ```
+    /// let whole = guestmem::bitmap::AtomicBitmap::new(256 * 4096, 4096).unwrap();
+    /// let w = whole.window(64 * 4096, 128 * 4096).unwrap();
+    /// w.mark_pages(0, 1);
+    /// assert!(whole.is_page_dirty(64));
+    /// assert_eq!(whole.take_dirty_runs(|_, _| {}), 1);
+    /// assert_eq!(w.dirty_page_count(), 0);
+    /// assert!(whole.window(4096, 4096).is_err());
+    /// ```
+    pub fn window(&self, offset: usize, len: usize) -> Result<AtomicBitmap, BitmapError> {
+        let page = self.page_size();
+        let word_bytes = page * WORD_BITS;
+        let invalid = BitmapError::InvalidWindow { offset, len, byte_len: self.byte_len };
+        let Some(end) = offset.checked_add(len) else { return Err(invalid) };
+        if end > self.byte_len
+            || !offset.is_multiple_of(word_bytes)
+            || (!end.is_multiple_of(word_bytes) && end != self.byte_len)
+        {
+            return Err(invalid);
+        }
+        let first_word = offset / word_bytes;
+        let num_pages = len.div_ceil(page);
+        let num_words = num_pages.div_ceil(WORD_BITS);
+        Ok(AtomicBitmap {
+            // SAFETY: `first_word + num_words <= self.num_words` (the window ends inside this
+            // bitmap), so the pointer stays in the shared allocation.
+            first: unsafe { self.first.add(first_word) },
+            num_words,
+            storage: self.storage.clone(),
+            byte_len: len,
+            num_pages,
+            page_shift: self.page_shift,
+        })
     }
 
     /// Marks `count` pages from `first_page` dirty; pages past the end are clipped.
@@ -152,7 +218,7 @@ impl AtomicBitmap {
     /// ```
     #[inline]
     pub fn is_page_dirty(&self, page: usize) -> bool {
-        self.words
+        self.words()
             .get(page / WORD_BITS)
             .is_some_and(|w| w.load(Ordering::Acquire) & (1 << (page % WORD_BITS)) != 0)
     }
@@ -167,7 +233,7 @@ impl AtomicBitmap {
     /// assert_eq!(bitmap.dirty_page_count(), 100);
     /// ```
     pub fn dirty_page_count(&self) -> usize {
-        self.words.iter().map(|w| w.load(Ordering::Relaxed).count_ones() as usize).sum()
+        self.words().iter().map(|w| w.load(Ordering::Relaxed).count_ones() as usize).sum()
     }
 
     /// Clears every bit, discarding what was dirty.
@@ -183,7 +249,7 @@ impl AtomicBitmap {
     /// assert_eq!(bitmap.dirty_page_count(), 0);
     /// ```
     pub fn reset(&self) {
-        for w in self.words.iter() {
+        for w in self.words().iter() {
             // Skipping clean words keeps their cache lines shared with writers on other CPUs.
             if w.load(Ordering::Relaxed) != 0 {
                 w.store(0, Ordering::Relaxed);
@@ -212,12 +278,12 @@ impl AtomicBitmap {
     /// assert!(bitmap.take_dirty_words(&mut [0u64; 1]).is_err());
     /// ```
     pub fn take_dirty_words(&self, out: &mut [u64]) -> Result<usize, BitmapError> {
-        let num_words = self.words.len();
+        let num_words = self.num_words;
         let len = out.len();
         let out = out.get_mut(..num_words).ok_or(BitmapError::BufferTooShort { len, num_words })?;
         let mut taken = 0;
         // The plain load of `take_word`, done for a group at once (see `GROUP`).
-        let mut groups = self.words.chunks_exact(GROUP);
+        let mut groups = self.words().chunks_exact(GROUP);
         let mut slot_groups = out.chunks_exact_mut(GROUP);
         for (group, slots) in (&mut groups).zip(&mut slot_groups) {
             let mut dirty = dirty_mask(group);
@@ -259,7 +325,7 @@ impl AtomicBitmap {
     /// ```
     pub fn take_dirty_runs(&self, mut f: impl FnMut(usize, usize)) -> usize {
         let mut runs = Runs { first: 0, len: 0, taken: 0 };
-        let mut groups = self.words.chunks_exact(GROUP);
+        let mut groups = self.words().chunks_exact(GROUP);
         let mut group_base = 0; // the index of the group's first word
         for group in &mut groups {
             let mut dirty = dirty_mask(group);
@@ -323,11 +389,11 @@ impl AtomicBitmap {
 
     /// ORs `words` in; see [`merge_words`](Self::merge_words).
     fn or_words(&self, words: &[u64]) -> Result<(), BitmapError> {
-        let num_words = self.words.len();
+        let num_words = self.num_words;
         if words.len() > num_words {
             return Err(BitmapError::TooManyWords { len: words.len(), num_words });
         }
-        for (index, (word, &bits)) in self.words.iter().zip(words).enumerate() {
+        for (index, (word, &bits)) in self.words().iter().zip(words).enumerate() {
             let bits = if index + 1 == num_words { bits & self.last_word_mask() } else { bits };
             if bits != 0 {
                 word.fetch_or(bits, Ordering::Release);
@@ -365,7 +431,7 @@ impl AtomicBitmap {
             self.or_word(first_word, head & tail);
         } else {
             self.or_word(first_word, head);
-            for word in self.words.get(first_word + 1..last_word).unwrap_or_default() {
+            for word in self.words().get(first_word + 1..last_word).unwrap_or_default() {
                 // An RMW, not a `store(u64::MAX)`: a store would end the release sequence of
                 // earlier marks of this word, and a harvester that read our store would not be
                 // ordered after those writers' data.
@@ -378,7 +444,7 @@ impl AtomicBitmap {
     /// ORs `bits` into word `index` (in range: the caller clipped it).
     #[inline(always)]
     fn or_word(&self, index: usize, bits: u64) {
-        if let Some(word) = self.words.get(index) {
+        if let Some(word) = self.words().get(index) {
             // Always the RMW, never "load, and skip the OR if the bits are already set": a
             // skipped OR releases nothing. A harvester could then swap the word (taking the
             // bit set by an earlier write) and read the page without being ordered after our
@@ -463,22 +529,45 @@ fn take_word(word: &AtomicU64) -> u64 {
     }
 }
 
-/// `count` zeroed words, allocated with `alloc_zeroed` (which, for large sizes, hands out fresh
-/// zero pages without touching them), or `None` if the allocator refuses.
-fn zeroed_words(count: usize) -> Option<Box<[AtomicU64]>> {
-    if count == 0 {
-        return Some(Box::new([]));
+/// The words of one or more bitmaps (a bitmap and its windows): `count` zeroed `AtomicU64`s,
+/// allocated with `alloc_zeroed` (which, for large sizes, hands out fresh zero pages without
+/// touching them), freed when the last bitmap using them goes.
+struct Words {
+    ptr: NonNull<AtomicU64>,
+    count: usize,
+}
+
+// SAFETY: the allocation is owned by this value and only ever accessed as atomics.
+unsafe impl Send for Words {}
+// SAFETY: as above.
+unsafe impl Sync for Words {}
+
+impl Words {
+    /// `count` zeroed words, or `None` if the allocator refuses.
+    fn zeroed(count: usize) -> Option<Words> {
+        if count == 0 {
+            return Some(Words { ptr: NonNull::dangling(), count: 0 });
+        }
+        let layout = std::alloc::Layout::array::<AtomicU64>(count).ok()?;
+        // SAFETY: the layout has a non-zero size (count > 0, and an AtomicU64 is 8 bytes).
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU64>();
+        // All bytes zero: `count` valid `AtomicU64`s of value 0.
+        NonNull::new(ptr).map(|ptr| Words { ptr, count })
     }
-    let layout = std::alloc::Layout::array::<AtomicU64>(count).ok()?;
-    // SAFETY: the layout has a non-zero size (count > 0, and an AtomicU64 is 8 bytes).
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) }.cast::<AtomicU64>();
-    if ptr.is_null() {
-        return None;
+}
+
+impl Drop for Words {
+    fn drop(&mut self) {
+        if self.count == 0 {
+            return;
+        }
+        // The layout was valid when the words were allocated.
+        if let Ok(layout) = std::alloc::Layout::array::<AtomicU64>(self.count) {
+            // SAFETY: `ptr` was allocated by the global allocator with exactly this layout, and
+            // no bitmap uses it any more (each holds an `Arc` to us).
+            unsafe { std::alloc::dealloc(self.ptr.as_ptr().cast(), layout) };
+        }
     }
-    // SAFETY: `ptr` is a live allocation of the global allocator with the layout of `count`
-    // `AtomicU64`s, which is the layout a `Box<[AtomicU64]>` of that length frees with; all its
-    // bytes are zero, and a zero `AtomicU64` is a valid one.
-    Some(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr, count)) })
 }
 
 /// (pages, words, page shift) for `byte_len` bytes in pages of `page_size` bytes.
@@ -489,6 +578,12 @@ fn geometry(byte_len: usize, page_size: usize) -> Result<(usize, usize, u32), Bi
     let num_pages = byte_len.div_ceil(page_size);
     Ok((num_pages, num_pages.div_ceil(WORD_BITS), page_size.trailing_zeros()))
 }
+
+// SAFETY: the words are atomics in an allocation the `Arc<Words>` keeps alive; the pointer is
+// only used to reach them.
+unsafe impl Send for AtomicBitmap {}
+// SAFETY: as above; every access to the words is atomic.
+unsafe impl Sync for AtomicBitmap {}
 
 impl fmt::Debug for AtomicBitmap {
     /// The geometry, not the bits (a 16 GiB guest has 65536 words).

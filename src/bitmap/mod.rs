@@ -135,6 +135,32 @@ impl NewBitmap for () {
     fn with_len(_len: usize) -> Self {}
 }
 
+/// A bitmap that hands out windows of itself: bitmaps of a part of its region that share its
+/// bits (see [`AtomicBitmap::window`]). Implemented by `()` (nothing to share), [`AtomicBitmap`]
+/// and `Option<B>`.
+pub trait WindowBitmap: Bitmap + Sized {
+    /// A bitmap for the `len` bytes at byte `offset`, sharing this one's bits.
+    fn window(&self, offset: usize, len: usize) -> Result<Self, BitmapError>;
+}
+
+impl WindowBitmap for () {
+    fn window(&self, _offset: usize, _len: usize) -> Result<(), BitmapError> {
+        Ok(())
+    }
+}
+
+impl WindowBitmap for AtomicBitmap {
+    fn window(&self, offset: usize, len: usize) -> Result<AtomicBitmap, BitmapError> {
+        AtomicBitmap::window(self, offset, len)
+    }
+}
+
+impl<B: WindowBitmap> WindowBitmap for Option<B> {
+    fn window(&self, offset: usize, len: usize) -> Result<Self, BitmapError> {
+        self.as_ref().map(|b| b.window(offset, len)).transpose()
+    }
+}
+
 /// Errors of the dirty bitmaps and their harvest.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum BitmapError {
@@ -170,6 +196,19 @@ pub enum BitmapError {
         len: usize,
         /// Words in the bitmap.
         num_words: usize,
+    },
+    /// A window that does not start on a word (64 pages) of its bitmap, does not end on one or
+    /// at the bitmap's end, or runs past it.
+    #[error(
+        "a window of {len} bytes at {offset:#x} does not fall on whole words of a bitmap of {byte_len} bytes"
+    )]
+    InvalidWindow {
+        /// Where the window was to start.
+        offset: usize,
+        /// Its length.
+        len: usize,
+        /// The length of the bitmap it was asked of.
+        byte_len: usize,
     },
     /// A harvest (or merge) on memory whose dirty tracking is off (`None`).
     #[error("dirty tracking is off for this memory: there is no dirty log to harvest or merge into")]

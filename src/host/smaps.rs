@@ -40,6 +40,8 @@ pub(super) const SMAPS_PATH: &str = "/proc/self/smaps";
 /// KernelPageSize:        4 kB
 /// MMUPageSize:           4 kB
 /// Rss:                2048 kB
+/// Shared_Dirty:          0 kB
+/// Private_Dirty:      2048 kB
 /// AnonHugePages:      2048 kB
 /// Shared_Hugetlb:        0 kB
 /// Private_Hugetlb:       0 kB
@@ -70,6 +72,12 @@ pub struct SmapsArea {
     pub shared_hugetlb_kb: u64,
     /// `Swap`: how much is swapped out.
     pub swap_kb: u64,
+    /// `Shared_Dirty`: resident pages written since they were last cleaned that others map
+    /// too (for a shared file mapping: not yet written back, `msync` cleans them).
+    pub shared_dirty_kb: u64,
+    /// `Private_Dirty`: resident pages written since they were last cleaned that only this
+    /// process maps.
+    pub private_dirty_kb: u64,
     /// `KernelPageSize`: the page size the kernel backs the area with (hugetlb: the huge size).
     pub kernel_page_size_kb: u64,
     /// `MMUPageSize`: the page size the MMU uses for it.
@@ -189,6 +197,8 @@ struct Record {
     private_hugetlb_kb: Option<u64>,
     shared_hugetlb_kb: Option<u64>,
     swap_kb: Option<u64>,
+    shared_dirty_kb: Option<u64>,
+    private_dirty_kb: Option<u64>,
     kernel_page_size_kb: Option<u64>,
     mmu_page_size_kb: Option<u64>,
     vm_flags: Option<Vec<String>>,
@@ -205,6 +215,8 @@ impl Record {
             private_hugetlb_kb: None,
             shared_hugetlb_kb: None,
             swap_kb: None,
+            shared_dirty_kb: None,
+            private_dirty_kb: None,
             kernel_page_size_kb: None,
             mmu_page_size_kb: None,
             vm_flags: None,
@@ -223,6 +235,8 @@ impl Record {
             b"Private_Hugetlb" => &mut self.private_hugetlb_kb,
             b"Shared_Hugetlb" => &mut self.shared_hugetlb_kb,
             b"Swap" => &mut self.swap_kb,
+            b"Shared_Dirty" => &mut self.shared_dirty_kb,
+            b"Private_Dirty" => &mut self.private_dirty_kb,
             b"KernelPageSize" => &mut self.kernel_page_size_kb,
             b"MMUPageSize" => &mut self.mmu_page_size_kb,
             b"VmFlags" => {
@@ -254,6 +268,8 @@ impl Record {
             private_hugetlb_kb: need(self.private_hugetlb_kb, "Private_Hugetlb")?,
             shared_hugetlb_kb: need(self.shared_hugetlb_kb, "Shared_Hugetlb")?,
             swap_kb: need(self.swap_kb, "Swap")?,
+            shared_dirty_kb: need(self.shared_dirty_kb, "Shared_Dirty")?,
+            private_dirty_kb: need(self.private_dirty_kb, "Private_Dirty")?,
             kernel_page_size_kb: need(self.kernel_page_size_kb, "KernelPageSize")?,
             mmu_page_size_kb: need(self.mmu_page_size_kb, "MMUPageSize")?,
             vm_flags: self.vm_flags.ok_or(HostError::MissingField { field: "VmFlags", addr })?,
@@ -311,6 +327,8 @@ Size:               4096 kB
 KernelPageSize:     2048 kB
 MMUPageSize:        2048 kB
 Rss:                   0 kB
+Shared_Dirty:          0 kB
+Private_Dirty:         0 kB
 AnonHugePages:         0 kB
 Shared_Hugetlb:     2048 kB
 Private_Hugetlb:    2048 kB
@@ -362,6 +380,8 @@ VmFlags: rd wr mr mw me de ht
             ("Private_Hugetlb", "Private_Hugetlb:    2048 kB\n"),
             ("Shared_Hugetlb", "Shared_Hugetlb:     2048 kB\n"),
             ("Swap", "Swap:                  0 kB\n"),
+            ("Shared_Dirty", "Shared_Dirty:          0 kB\n"),
+            ("Private_Dirty", "Private_Dirty:         0 kB\n"),
             ("KernelPageSize", "KernelPageSize:     2048 kB\n"),
             ("MMUPageSize", "MMUPageSize:        2048 kB\n"),
             ("VmFlags", "VmFlags: rd wr mr mw me de ht \n"),

@@ -30,6 +30,28 @@
 //!   were reaped once more, so an entry KVM queued for the old slot is never credited to the
 //!   new one. Every early return leaves the slot list exactly as KVM has it, sorted.
 //!
+//! # guest_memfd
+//!
+//! [`KvmSlots::create_guest_memfd`] makes a guest_memfd the host can map, for a region to be
+//! built on; `register` gives such a region a `KVM_SET_USER_MEMORY_REGION2` slot with
+//! `KVM_MEM_GUEST_MEMFD`, and the guest's accesses then go to the guest_memfd (the region keeps
+//! it open). What was measured on this project's machines (Linux 6.18, the default VM type):
+//!
+//! - `KVM_CAP_GUEST_MEMFD` and `KVM_CAP_USER_MEMORY2` are present; `KVM_CAP_GUEST_MEMFD_FLAGS`
+//!   offers `MMAP | INIT_SHARED`. Without `MMAP` the fd cannot be mapped (`ENODEV`); with
+//!   `MMAP` but without `INIT_SHARED` a host access to the mapping raises SIGBUS (the memory
+//!   is private), so guestmem always asks for both.
+//! - A guest_memfd has a fixed size (`ftruncate` is `EINVAL`): its mapping cannot fault by
+//!   truncation. Holes can be punched (`fallocate(PUNCH_HOLE)`, what `discard` does), and the
+//!   guest then reads zeros; plain allocation needs `FALLOC_FL_KEEP_SIZE`.
+//! - KVM refuses `KVM_MEM_LOG_DIRTY_PAGES` and `KVM_MEM_READONLY` on a guest_memfd slot
+//!   (`EINVAL`): a read-only guest_memfd region is [`KvmError::GuestMemfd`], and in a logged
+//!   `KvmSlots` every sync reports a guest_memfd region dirty as a whole (a migration stays
+//!   correct, and sends it each round).
+//! - `KVM_CAP_MEMORY_ATTRIBUTES` is 0: this VM type has no private/shared conversion
+//!   (`KVM_SET_MEMORY_ATTRIBUTES`), so guestmem offers none.
+//! - A guest_memfd made on one VM cannot back another VM's slot (`EINVAL`).
+//!
 //! ```no_run
 //! # fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! use guestmem::kvm::KvmSlots;
@@ -56,7 +78,9 @@ use std::sync::{Arc, Mutex};
 use crate::bitmap::{Bitmap, BitmapError, DirtyHarvest};
 use crate::memory::GuestMemoryMmap;
 use crate::region::{GuestMemoryRegion, GuestRegionMmap};
-use crate::sys::kvm::{self as ioctls, DirtyRing, KvmVcpuFd, KvmVmFd, UserspaceMemoryRegion};
+use crate::sys::kvm::{
+    self as ioctls, DirtyRing, KvmVcpuFd, KvmVmFd, UserspaceMemoryRegion, UserspaceMemoryRegion2,
+};
 use crate::sys::{self, MapFlags, Protection};
 use crate::GuestAddress;
 
@@ -155,6 +179,14 @@ pub enum KvmError {
     /// Mapping a vCPU's dirty ring failed (or the ring is smaller than this VM's ring size).
     #[error("mapping the dirty ring of a vCPU failed: {0}")]
     RingMap(io::Error),
+    /// A guest_memfd region KVM cannot take as asked.
+    #[error("the guest_memfd region at {addr} cannot be registered: {reason}")]
+    GuestMemfd {
+        /// The region's guest address.
+        addr: GuestAddress,
+        /// Why.
+        reason: &'static str,
+    },
     /// Allocating a slot's dirty-log buffer failed.
     #[error("allocating the dirty-log buffer of a slot of {pages} pages failed: {source}")]
     LogBuffer {
@@ -247,11 +279,17 @@ impl Drop for LogBuffer {
 #[derive(Debug)]
 struct Slot<B> {
     /// The slot as registered with KVM (`memory_size` is the region's length).
-    desc: UserspaceMemoryRegion,
+    desc: UserspaceMemoryRegion2,
+    /// Registered with `KVM_SET_USER_MEMORY_REGION2` (a guest_memfd slot), and so deleted
+    /// with it too.
+    v2: bool,
     /// Holds the mapping while KVM may use it.
     region: Arc<GuestRegionMmap<B>>,
     /// The dirty-log buffer (slots with `KVM_MEM_LOG_DIRTY_PAGES` only).
     log: Option<LogBuffer>,
+    /// A writable slot whose guest writes KVM cannot log (a guest_memfd slot in a logged
+    /// `KvmSlots`): every sync reports it dirty as a whole.
+    unlogged: bool,
 }
 
 impl<B> Slot<B> {
@@ -259,9 +297,27 @@ impl<B> Slot<B> {
         self.desc.slot
     }
 
-    /// The ioctl argument that deletes the slot.
-    fn deletion(&self) -> UserspaceMemoryRegion {
-        UserspaceMemoryRegion { memory_size: 0, ..self.desc }
+    /// Creates (or, with size 0, deletes) the slot in KVM.
+    ///
+    /// # Safety
+    /// As `KVM_SET_USER_MEMORY_REGION`: while the slot exists its memory stays mapped (the
+    /// slot holds its region).
+    unsafe fn set(&self, vm: &KvmVmFd, memory_size: u64) -> io::Result<()> {
+        let d = UserspaceMemoryRegion2 { memory_size, ..self.desc };
+        if self.v2 {
+            // SAFETY: the caller's contract.
+            unsafe { ioctls::set_user_memory_region2(vm, &d) }
+        } else {
+            let v1 = UserspaceMemoryRegion {
+                slot: d.slot,
+                flags: d.flags,
+                guest_phys_addr: d.guest_phys_addr,
+                memory_size: d.memory_size,
+                userspace_addr: d.userspace_addr,
+            };
+            // SAFETY: the caller's contract.
+            unsafe { ioctls::set_user_memory_region(vm, &v1) }
+        }
     }
 }
 
@@ -440,20 +496,31 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
     }
 
     /// Makes KVM's slots match `mem`: regions that left lose their slot, new regions get one.
+    /// A region that is part of a block group ([`GuestRegionMmap::kvm_group`], a plug-state
+    /// device) is mapped through its group: one slot per group.
     ///
     /// Everything that can be checked is checked before the first ioctl (slot numbers, bitmaps
     /// that can take KVM's bits, buffers); slots are deleted before new ones are created, so a
     /// guest range a removed region left can be reused at once. If an ioctl fails part-way, the
     /// slots already changed stay changed and the list matches KVM exactly.
     pub fn register(&mut self, mem: &GuestMemoryMmap<B>) -> Result<()> {
+        // What KVM maps: each region, or the block group it belongs to (one slot for a group of
+        // a plug-state device, however its plugged blocks split into regions).
+        let mut wanted: Vec<&Arc<GuestRegionMmap<B>>> = Vec::with_capacity(mem.regions().len());
+        for r in mem.regions() {
+            let r = r.kvm_group().unwrap_or(r);
+            if !wanted.iter().any(|w| Arc::ptr_eq(w, r)) {
+                wanted.push(r);
+            }
+        }
         let leaving: Vec<u32> = self
             .slots
             .iter()
-            .filter(|s| !mem.regions().iter().any(|r| Arc::ptr_eq(r, &s.region)))
+            .filter(|s| !wanted.iter().any(|r| Arc::ptr_eq(r, &s.region)))
             .map(|s| s.id())
             .collect();
         let arriving: Vec<&Arc<GuestRegionMmap<B>>> =
-            mem.regions().iter().filter(|r| !self.slots.iter().any(|s| Arc::ptr_eq(&s.region, r))).collect();
+            wanted.into_iter().filter(|r| !self.slots.iter().any(|s| Arc::ptr_eq(&s.region, r))).collect();
         // Numbers for the new slots: free, not retired, in range (the leaving ones are free
         // once deleted, unless the ring is on, when they are retired until the next reap).
         let ring = self.ring_bytes.is_some();
@@ -471,9 +538,11 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
         let mut new_slots = Vec::with_capacity(arriving.len());
         for (&id, region) in ids.iter().zip(&arriving) {
             let writable = region.protection().is_writable();
+            let gmem = self.guest_memfd_of(region)?;
             let mut flags = 0;
-            // Read-only slots are never written by the guest: nothing to log.
-            if self.log_dirty && writable {
+            // Read-only slots are never written by the guest: nothing to log. KVM cannot log a
+            // guest_memfd slot (EINVAL): it is reported dirty whole, at every sync.
+            if self.log_dirty && writable && gmem.is_none() {
                 flags |= ioctls::KVM_MEM_LOG_DIRTY_PAGES;
                 region
                     .bitmap()
@@ -481,21 +550,41 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
                     .map_err(|source| KvmError::Bitmap { addr: region.start_addr(), source })?;
             }
             if !writable {
+                if gmem.is_some() {
+                    return Err(KvmError::GuestMemfd {
+                        addr: region.start_addr(),
+                        reason: "KVM cannot make a guest_memfd slot read-only",
+                    });
+                }
                 flags |= ioctls::KVM_MEM_READONLY;
+            }
+            if gmem.is_some() && self.log_dirty {
+                region
+                    .bitmap()
+                    .page_size()
+                    .map_err(|source| KvmError::Bitmap { addr: region.start_addr(), source })?;
             }
             let log = if flags & ioctls::KVM_MEM_LOG_DIRTY_PAGES != 0 {
                 Some(LogBuffer::new((region.len() as usize).div_ceil(KVM_PAGE_SIZE))?)
             } else {
                 None
             };
-            let desc = UserspaceMemoryRegion {
+            let mut desc = UserspaceMemoryRegion2 {
                 slot: id,
                 flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.host_ptr() as u64,
+                ..UserspaceMemoryRegion2::default()
             };
-            new_slots.push(Slot { desc, region: (*region).clone(), log });
+            let mut unlogged = false;
+            if let Some((fd, offset)) = gmem {
+                desc.flags |= ioctls::KVM_MEM_GUEST_MEMFD;
+                desc.guest_memfd = fd as u32;
+                desc.guest_memfd_offset = offset;
+                unlogged = self.log_dirty;
+            }
+            new_slots.push(Slot { desc, v2: gmem.is_some(), region: (*region).clone(), log, unlogged });
         }
         self.slots
             .try_reserve(new_slots.len())
@@ -506,10 +595,9 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
 
         for id in leaving {
             let at = self.slot_index(id).expect("a leaving slot is in the list");
-            let gone = self.slots[at].deletion();
             // SAFETY: deleting a slot stops KVM's use of its memory; the region stays mapped
             // (we hold its Arc) until the ioctl has returned.
-            unsafe { ioctls::set_user_memory_region(&self.vm, &gone) }
+            unsafe { self.slots[at].set(&self.vm, 0) }
                 .map_err(ioctl_error("KVM_SET_USER_MEMORY_REGION(delete)", Some(id)))?;
             // `remove`, not `swap_remove`: the list stays sorted.
             self.slots.remove(at);
@@ -522,14 +610,67 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
             // SAFETY: the region's mapping covers the slot and stays mapped while the slot
             // exists, because the slot holds an `Arc` to the region until it deletes the slot.
             // Guest writes to it are what guest memory is for (read-only regions get
-            // KVM_MEM_READONLY).
-            unsafe { ioctls::set_user_memory_region(&self.vm, &desc) }
+            // KVM_MEM_READONLY). A guest_memfd slot names the region's own guest_memfd, made on
+            // this VM (KVM refuses another), which the region keeps open.
+            unsafe { slot.set(&self.vm, desc.memory_size) }
                 .map_err(ioctl_error("KVM_SET_USER_MEMORY_REGION", Some(desc.slot)))?;
             let at = self.slots.partition_point(|s| s.id() < desc.slot);
             // Cannot allocate: capacity was reserved above.
             self.slots.insert(at, slot);
         }
         Ok(())
+    }
+
+    /// The guest_memfd behind `region` and the region's offset in it, when its backing file
+    /// is one (checked by what the kernel names the descriptor), after checking that KVM has
+    /// `KVM_SET_USER_MEMORY_REGION2` and guest_memfd.
+    fn guest_memfd_of(&self, region: &GuestRegionMmap<B>) -> Result<Option<(RawFd, u64)>> {
+        let Some(fo) = region.file_offset() else { return Ok(None) };
+        if !ioctls::is_guest_memfd(fo.as_fd()).map_err(ioctl_error("readlink /proc/self/fd", None))? {
+            return Ok(None);
+        }
+        for (cap, name) in [
+            (ioctls::KVM_CAP_USER_MEMORY2, "KVM_CAP_USER_MEMORY2"),
+            (ioctls::KVM_CAP_GUEST_MEMFD, "KVM_CAP_GUEST_MEMFD"),
+        ] {
+            if ioctls::check_extension(&self.vm, cap).unwrap_or(0) <= 0 {
+                return Err(KvmError::Unsupported(name));
+            }
+        }
+        Ok(Some((fo.as_raw_fd(), fo.start())))
+    }
+
+    /// A new guest_memfd of `size` bytes for this VM that the host can map and whose memory
+    /// starts shared with it (`GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED`), as a
+    /// `File` to build a region on ([`Backing::File`](crate::mmap::Backing::File) with
+    /// `shared: true`): the region keeps the guest_memfd, and
+    /// [`register`](Self::register) gives its slot `KVM_MEM_GUEST_MEMFD`, so the guest's
+    /// memory is the guest_memfd's.
+    ///
+    /// What this kernel allows, measured (see the module docs): a guest_memfd's size is fixed
+    /// (it cannot be truncated, so its mapping cannot fault with SIGBUS that way); holes can be
+    /// punched ([`discard`](crate::mmap::MmapRegion::discard)); KVM cannot log a guest_memfd
+    /// slot's dirty pages nor make it read-only (so with dirty logging on, every sync reports
+    /// such a region dirty as a whole); private/shared conversion (`KVM_SET_MEMORY_ATTRIBUTES`)
+    /// is not offered to this VM type.
+    pub fn create_guest_memfd(&self, size: u64) -> Result<std::fs::File> {
+        for (cap, name) in [
+            (ioctls::KVM_CAP_USER_MEMORY2, "KVM_CAP_USER_MEMORY2"),
+            (ioctls::KVM_CAP_GUEST_MEMFD, "KVM_CAP_GUEST_MEMFD"),
+        ] {
+            if ioctls::check_extension(&self.vm, cap).unwrap_or(0) <= 0 {
+                return Err(KvmError::Unsupported(name));
+            }
+        }
+        let flags = ioctls::GUEST_MEMFD_FLAG_MMAP | ioctls::GUEST_MEMFD_FLAG_INIT_SHARED;
+        let offered =
+            ioctls::check_extension(&self.vm, ioctls::KVM_CAP_GUEST_MEMFD_FLAGS).unwrap_or(0) as u64;
+        if offered & flags != flags {
+            return Err(KvmError::Unsupported("KVM_CAP_GUEST_MEMFD_FLAGS (mmap, init shared)"));
+        }
+        ioctls::create_guest_memfd(&self.vm, size, flags)
+            .map(std::fs::File::from)
+            .map_err(ioctl_error("KVM_CREATE_GUEST_MEMFD", None))
     }
 
     fn slot_index(&self, id: u32) -> Option<usize> {
@@ -556,6 +697,10 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
         }
         let mut total = 0;
         for slot in &mut self.slots {
+            if slot.unlogged {
+                total += mark_whole(&slot.region);
+                continue;
+            }
             let Some(log) = slot.log.as_mut() else { continue };
             log.fetch(&self.vm, slot.desc.slot)?;
             total += merge_into(&slot.region, log.words())?;
@@ -605,6 +750,9 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
                 total += 1;
             }
         }
+        for slot in self.slots.iter().filter(|s| s.unlogged) {
+            total += mark_whole(&slot.region);
+        }
         ioctls::reset_dirty_rings(&self.vm).map_err(ioctl_error("KVM_RESET_DIRTY_RINGS", None))?;
         // Every entry queued for a deleted slot was in a ring (KVM publishes them before the
         // deletion returns) and is collected now: its number may be given out again.
@@ -618,15 +766,20 @@ impl<B> Drop for KvmSlots<B> {
     /// region mapped forever (leaked) rather than point at memory the host reuses.
     fn drop(&mut self) {
         for slot in self.slots.drain(..) {
-            let gone = slot.deletion();
             // SAFETY: deleting a slot stops KVM's use of its memory.
-            if unsafe { ioctls::set_user_memory_region(&self.vm, &gone) }.is_err() {
+            if unsafe { slot.set(&self.vm, 0) }.is_err() {
                 std::mem::forget(slot.region);
             }
         }
         let fd = self.vm.as_raw_fd();
         owners().retain(|&o| o != fd);
     }
+}
+
+/// Marks a whole region dirty (a slot KVM cannot log); returns its 4 KiB pages.
+fn mark_whole<B: Bitmap>(region: &GuestRegionMmap<B>) -> usize {
+    region.bitmap().mark_dirty(0, region.len() as usize);
+    (region.len() as usize).div_ceil(KVM_PAGE_SIZE)
 }
 
 /// ORs a slot's log (4 KiB pages) into its region's bitmap; returns the dirty page count.

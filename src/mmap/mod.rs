@@ -176,6 +176,16 @@ pub enum MmapError {
     },
 }
 
+/// How [`MmapRegion::flush`] made writes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlushMethod {
+    /// `msync(MS_SYNC)` of the range.
+    Msync,
+    /// A write-back of every CPU cache line of the range with this instruction, then `SFENCE`
+    /// (a `MAP_SYNC` mapping of persistent memory).
+    CacheLines(sys::cpu::CacheWriteback),
+}
+
 /// What backs the memory, as discard needs to know it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
@@ -199,6 +209,16 @@ enum Ownership {
     InReservation { reservation: Arc<Reservation>, offset: usize },
     /// Adopted with `build_raw`: not ours to unmap.
     Borrowed,
+    /// A view of part of a larger mapping someone else owns (a plug-state device): told when
+    /// the view goes, never unmapped by it.
+    View(Arc<dyn ViewOwner>),
+}
+
+/// The owner of a mapping that regions are views of: told when a view is dropped, so it can
+/// fence or free the memory no view covers any more.
+pub(crate) trait ViewOwner: Send + Sync + std::fmt::Debug {
+    /// The view of `[addr, addr + len)` is gone: nothing accesses the range through it.
+    fn released(&self, addr: *mut u8, len: usize);
 }
 
 /// One contiguous mapping of guest memory, with a dirty bitmap `B` sized for it.
@@ -224,6 +244,11 @@ pub struct MmapRegion<B = ()> {
     file_id: Option<(u64, u64)>,
     /// The region's entry in the SIGBUS recovery table (file-backed and hugetlb memory).
     sigbus: Option<crate::host::sigbus::Registration>,
+    /// Mapped with `MAP_SYNC` (a DAX file): writing cache lines back makes writes durable.
+    sync_faults: bool,
+    /// Discard shared file memory with `MADV_REMOVE` rather than a hole punched in the file, so
+    /// that a userfaultfd registered on it sees the discard (`EVENT_REMOVE`).
+    discard_remove: bool,
 }
 
 /// The per-range policies a region was built with.
@@ -271,9 +296,10 @@ impl<B> MmapRegion<B> {
         self.flags
     }
 
-    /// Whether the region unmaps its memory when dropped (false for `build_raw`).
+    /// Whether the region unmaps its memory when dropped (false for `build_raw`, and for the
+    /// views a plug-state device makes of its memory).
     pub fn owned(&self) -> bool {
-        !matches!(self.ownership, Ownership::Borrowed)
+        !matches!(self.ownership, Ownership::Borrowed | Ownership::View(_))
     }
 
     /// The backing's real page size: the huge page size for hugetlb memory, otherwise the base
@@ -343,6 +369,64 @@ impl<B> MmapRegion<B> {
             }
         }
         Ok(())
+    }
+
+    /// Makes the writes to `[offset, offset + len)` durable in the region's file (persistent
+    /// memory, or any file), returning how it did:
+    ///
+    /// - a region mapped with [`dax_sync`](MmapRegionBuilder::dax_sync) (`MAP_SYNC` on DAX):
+    ///   each CPU cache line of the range is written back (`CLWB`, else `CLFLUSHOPT`, else
+    ///   `CLFLUSH`, whichever the CPU has) and fenced: nothing else is needed there;
+    /// - any other shared file mapping (DAX without `MAP_SYNC`, a regular file, a memfd):
+    ///   `msync(MS_SYNC)` of the range, which writes the pages back (and, on DAX, the metadata).
+    ///
+    /// `offset` and `len` must be multiples of [`flush_granule`](Self::flush_granule) (the page
+    /// size for `msync`, the cache line for a write-back), inside the region
+    /// ([`MmapError::Unaligned`], [`MmapError::OutOfRange`]); anonymous and private mappings reach
+    /// no file ([`MmapError::InvalidOption`]).
+    ///
+    /// ```
+    /// use guestmem::mmap::{Backing, FileOffset, FlushMethod, MmapRegionBuilder};
+    /// use guestmem::{Bytes, VolatileMemory};
+    /// let f = vmm_sys_util::tempfile::TempFile::new().unwrap().into_file();
+    /// f.set_len(1 << 20).unwrap();
+    /// let r = MmapRegionBuilder::<()>::new(1 << 20)
+    ///     .backing(Backing::File { file: FileOffset::new(f, 0), shared: true })
+    ///     .build()
+    ///     .unwrap();
+    /// r.as_volatile_slice().write_obj(7u64, 0x1000).unwrap();
+    /// assert_eq!(r.flush(0x1000, 0x1000).unwrap(), FlushMethod::Msync);
+    /// assert!(r.flush(1, 0x1000).is_err());
+    /// ```
+    pub fn flush(&self, offset: usize, len: usize) -> Result<FlushMethod, MmapError> {
+        if self.kind != Kind::FileShared {
+            return Err(MmapError::InvalidOption {
+                option: "flush",
+                reason: "only a shared file mapping writes through to a file",
+            });
+        }
+        self.check_subrange(offset, len, self.flush_granule())?;
+        // SAFETY: offset < size (checked), so the pointer stays in the region.
+        let addr = unsafe { self.addr.add(offset) };
+        if self.sync_faults {
+            if let Some((how, line)) = sys::cpu::cache_writeback() {
+                // SAFETY: the CPU has `how` (CPUID); the range lies in our mapping (checked).
+                unsafe { sys::cpu::write_back(addr, len, how, line) };
+                return Ok(FlushMethod::CacheLines(how));
+            }
+        }
+        sys::msync(addr, len, sys::MsyncFlags::SYNC)
+            .map_err(|source| MmapError::Os { op: "msync", source })?;
+        Ok(FlushMethod::Msync)
+    }
+
+    /// The alignment [`flush`](Self::flush) needs: the cache line size for a region mapped
+    /// with `MAP_SYNC` (when the CPU can write lines back), the page size otherwise.
+    pub fn flush_granule(&self) -> usize {
+        match sys::cpu::cache_writeback() {
+            Some((_, line)) if self.sync_faults => line,
+            _ => sys::page_size(),
+        }
     }
 
     /// How many base pages of `[offset, offset + len)` are resident in RAM (`mincore(2)`;
@@ -429,6 +513,7 @@ impl<B: Bitmap> MmapRegion<B> {
         match self.kind {
             Kind::AnonPrivate => advise(Advice::DontNeed)?,
             Kind::AnonShared | Kind::Unknown => advise(Advice::Remove)?,
+            Kind::FileShared if self.discard_remove => advise(Advice::Remove)?,
             Kind::FileShared => {
                 let punched = self.file_offset.as_ref().map(|fo| {
                     sys::fallocate(
@@ -509,6 +594,7 @@ impl<B> Drop for MmapRegion<B> {
                 let _ = unsafe { sys::munmap(*start, *len) };
             }
             Ownership::InReservation { reservation, offset } => reservation.release(*offset),
+            Ownership::View(owner) => owner.released(self.addr, self.size),
             Ownership::Borrowed => {}
         }
     }
@@ -575,6 +661,8 @@ pub struct MmapRegionBuilder<B = ()> {
     reservation: Option<(Arc<Reservation>, usize)>,
     dirty_tracking: bool,
     sigbus_recovery: bool,
+    dax_sync: bool,
+    discard_remove: bool,
     phantom: std::marker::PhantomData<B>,
 }
 
@@ -597,6 +685,8 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             reservation: None,
             dirty_tracking: true,
             sigbus_recovery: true,
+            dax_sync: false,
+            discard_remove: false,
             phantom: std::marker::PhantomData,
         }
     }
@@ -693,6 +783,23 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
     /// process's own SIGBUS disposition.
     pub fn sigbus_recovery(mut self, on: bool) -> Self {
         self.sigbus_recovery = on;
+        self
+    }
+
+    /// Map a shared file backing with `MAP_SHARED_VALIDATE | MAP_SYNC` (default: no): allowed
+    /// only for files on a DAX filesystem or device (persistent memory), where it makes
+    /// [`MmapRegion::flush`] a write-back of CPU cache lines instead of an `msync(2)`. The
+    /// kernel refuses it for any other file ([`MmapError::OptionRefused`] naming `dax_sync`).
+    pub fn dax_sync(mut self, on: bool) -> Self {
+        self.dax_sync = on;
+        self
+    }
+
+    /// Discard shared file memory through the mapping (`MADV_REMOVE`, which a userfaultfd sees
+    /// as `EVENT_REMOVE`) rather than by punching a hole in the file (which it does not see): for
+    /// memory a lazy restore fills.
+    pub(crate) fn discard_by_remove(mut self, yes: bool) -> Self {
+        self.discard_remove = yes;
         self
     }
 
@@ -807,6 +914,15 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             }
         };
         check_multiple("size", self.size as u64, page_size)?;
+        if self.dax_sync {
+            if kind != Kind::FileShared || hugetlb {
+                return Err(MmapError::InvalidOption {
+                    option: "dax_sync",
+                    reason: "MAP_SYNC applies to shared mappings of a DAX file only",
+                });
+            }
+            flags = flags.difference(MapFlags::SHARED) | MapFlags::SHARED_VALIDATE | MapFlags::SYNC;
+        }
         if self.mergeable && kind != Kind::AnonPrivate {
             return Err(MmapError::InvalidOption {
                 option: "mergeable",
@@ -886,6 +1002,8 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             },
             file_id,
             sigbus: None,
+            sync_faults: self.dax_sync,
+            discard_remove: self.discard_remove,
         };
         let fd: Option<BorrowedFd<'_>> = region.file_offset.as_ref().map(|f| f.file().as_fd());
         let file_start = region.file_offset.as_ref().map_or(0, FileOffset::start);
@@ -900,6 +1018,8 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
                 // The hugetlb pool is the usual reason: name the option.
                 return Err(if hugetlb && source.raw_os_error() == Some(libc::ENOMEM) {
                     MmapError::OptionRefused { option: "huge_pages", source }
+                } else if self.dax_sync && source.raw_os_error() == Some(libc::EOPNOTSUPP) {
+                    MmapError::OptionRefused { option: "dax_sync", source }
                 } else {
                     MmapError::Mmap { size: self.size, source }
                 });
@@ -964,6 +1084,8 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             policies: Policies::default(),
             file_id: None,
             sigbus: None,
+            sync_faults: false,
+            discard_remove: false,
         })
     }
 }
@@ -1054,5 +1176,57 @@ impl<B> MmapRegion<B> {
                 }),
             })
         })
+    }
+}
+
+/// How a view of a device mapping is backed.
+#[derive(Clone, Debug)]
+pub(crate) enum ViewBacking {
+    /// Private anonymous memory.
+    Anonymous,
+    /// A shared mapping of this file, from this offset.
+    File(FileOffset),
+}
+
+impl<B> MmapRegion<B> {
+    /// A region over `[addr, addr + size)`, part of a mapping that `owner` owns and keeps
+    /// mapped, read-write, with `bitmap` (sized for `size`).
+    ///
+    /// # Safety
+    /// `[addr, addr + size)` must be mapped read-write, backed as `backing` says, for as long as
+    /// the region lives (the owner may change it only after `released` was called for it), and
+    /// nothing may make Rust references to it.
+    pub(crate) unsafe fn view(
+        addr: *mut u8,
+        size: usize,
+        bitmap: B,
+        backing: ViewBacking,
+        owner: Arc<dyn ViewOwner>,
+    ) -> MmapRegion<B> {
+        let (file_offset, flags, kind) = match backing {
+            ViewBacking::Anonymous => {
+                (None, MapFlags::PRIVATE | MapFlags::ANONYMOUS | MapFlags::NORESERVE, Kind::AnonPrivate)
+            }
+            ViewBacking::File(fo) => (Some(fo), MapFlags::SHARED, Kind::FileShared),
+        };
+        let file_id =
+            file_offset.as_ref().and_then(|fo| sys::fstat(fo.as_fd()).ok()).map(|st| (st.dev, st.ino));
+        MmapRegion {
+            addr,
+            size,
+            bitmap,
+            file_offset,
+            prot: Protection::READ_WRITE,
+            flags,
+            page_size: sys::page_size(),
+            hugetlbfs: false,
+            kind,
+            ownership: Ownership::View(owner),
+            policies: Policies::default(),
+            file_id,
+            sigbus: None,
+            sync_faults: false,
+            discard_remove: false,
+        }
     }
 }

@@ -73,6 +73,7 @@
 //! ```
 
 mod format;
+pub mod lazy;
 
 pub use format::{HeldRuns, SnapshotInfo, SnapshotKind, SnapshotRegion, MAGIC, VERSION};
 

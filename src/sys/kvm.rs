@@ -171,6 +171,56 @@ struct EnableCap {
     pad: [u8; 64],
 }
 
+/// `struct kvm_userspace_memory_region2` (`KVM_CAP_USER_MEMORY2`): a slot that may also name a
+/// guest_memfd (with [`KVM_MEM_GUEST_MEMFD`]).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UserspaceMemoryRegion2 {
+    /// Slot number (address space id in the high 16 bits).
+    pub slot: u32,
+    /// `KVM_MEM_*` flags.
+    pub flags: u32,
+    /// Guest-physical address of the slot.
+    pub guest_phys_addr: u64,
+    /// Size in bytes (0 deletes the slot).
+    pub memory_size: u64,
+    /// Host address of the memory.
+    pub userspace_addr: u64,
+    /// Offset of the slot's memory in the guest_memfd.
+    pub guest_memfd_offset: u64,
+    /// The guest_memfd (with [`KVM_MEM_GUEST_MEMFD`]).
+    pub guest_memfd: u32,
+    /// Reserved.
+    pub pad1: u32,
+    /// Reserved.
+    pub pad2: [u64; 14],
+}
+
+#[repr(C)]
+struct CreateGuestMemfd {
+    size: u64,
+    flags: u64,
+    reserved: [u64; 6],
+}
+
+/// `KVM_MEM_GUEST_MEMFD`: the slot's private memory (or, for a guest_memfd made with
+/// [`GUEST_MEMFD_FLAG_MMAP`], all of it) comes from a guest_memfd.
+pub const KVM_MEM_GUEST_MEMFD: u32 = 4;
+/// `KVM_CAP_USER_MEMORY2`.
+pub const KVM_CAP_USER_MEMORY2: u32 = 231;
+/// `KVM_CAP_MEMORY_ATTRIBUTES`: the attributes `KVM_SET_MEMORY_ATTRIBUTES` can set (0: none).
+pub const KVM_CAP_MEMORY_ATTRIBUTES: u32 = 233;
+/// `KVM_CAP_GUEST_MEMFD`.
+pub const KVM_CAP_GUEST_MEMFD: u32 = 234;
+/// `KVM_CAP_GUEST_MEMFD_FLAGS`: the `KVM_CREATE_GUEST_MEMFD` flags the VM accepts.
+pub const KVM_CAP_GUEST_MEMFD_FLAGS: u32 = 244;
+/// `GUEST_MEMFD_FLAG_MMAP`: the guest_memfd can be mapped by the host (and the slots that use
+/// it take all their memory from it).
+pub const GUEST_MEMFD_FLAG_MMAP: u64 = 1;
+/// `GUEST_MEMFD_FLAG_INIT_SHARED`: its memory starts shared with the host (without it, a host
+/// access to a mapping of it raises SIGBUS until the memory is converted).
+pub const GUEST_MEMFD_FLAG_INIT_SHARED: u64 = 2;
+
 mod nr {
     #![allow(missing_docs)]
     use super::*;
@@ -180,6 +230,8 @@ mod nr {
     vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, ClearDirtyLog);
     vmm_sys_util::ioctl_iow_nr!(KVM_ENABLE_CAP, KVMIO, 0xa3, EnableCap);
     vmm_sys_util::ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, KVMIO, 0xc7);
+    vmm_sys_util::ioctl_iow_nr!(KVM_SET_USER_MEMORY_REGION2, KVMIO, 0x49, UserspaceMemoryRegion2);
+    vmm_sys_util::ioctl_iowr_nr!(KVM_CREATE_GUEST_MEMFD, KVMIO, 0xd4, CreateGuestMemfd);
 }
 
 /// `KVM_CHECK_EXTENSION` on a VM: 0 if `cap` is absent, else its value.
@@ -297,6 +349,38 @@ pub fn reset_dirty_rings(vm: &KvmVmFd) -> io::Result<u32> {
     cvt(unsafe { vmm_sys_util::ioctl::ioctl(vm, nr::KVM_RESET_DIRTY_RINGS()) }).map(|n| n as u32)
 }
 
+/// `KVM_SET_USER_MEMORY_REGION2`: like [`set_user_memory_region`], for a slot that may also
+/// take its memory from a guest_memfd (`KVM_MEM_GUEST_MEMFD`, `guest_memfd`,
+/// `guest_memfd_offset`).
+///
+/// # Safety
+/// As [`set_user_memory_region`] for `[userspace_addr, +memory_size)`; the guest_memfd must be
+/// one created on this VM, covering `[guest_memfd_offset, +memory_size)`.
+pub unsafe fn set_user_memory_region2(vm: &KvmVmFd, region: &UserspaceMemoryRegion2) -> io::Result<()> {
+    // SAFETY: the fd is a KVM VM; the kernel reads the struct; the caller upholds the contract
+    // on the memory.
+    cvt(unsafe { vmm_sys_util::ioctl::ioctl_with_ref(vm, nr::KVM_SET_USER_MEMORY_REGION2(), region) })
+        .map(drop)
+}
+
+/// `KVM_CREATE_GUEST_MEMFD`: a new guest_memfd of `size` bytes (a page multiple) for this VM,
+/// with `flags` ([`GUEST_MEMFD_FLAG_MMAP`], [`GUEST_MEMFD_FLAG_INIT_SHARED`]; which ones the VM
+/// takes, [`KVM_CAP_GUEST_MEMFD_FLAGS`] says). Its size is fixed: it cannot be truncated.
+pub fn create_guest_memfd(vm: &KvmVmFd, size: u64, flags: u64) -> io::Result<OwnedFd> {
+    let mut arg = CreateGuestMemfd { size, flags, reserved: [0; 6] };
+    // SAFETY: the fd is a KVM VM; the kernel reads the struct (and writes nothing back) and
+    // returns a new descriptor or -1.
+    let fd =
+        cvt(unsafe { vmm_sys_util::ioctl::ioctl_with_mut_ref(vm, nr::KVM_CREATE_GUEST_MEMFD(), &mut arg) })?;
+    // SAFETY: the descriptor is new and owned by nobody else.
+    Ok(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// Whether `fd` is a guest_memfd (`anon_inode:[kvm-gmem]`).
+pub fn is_guest_memfd(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(fd_link(fd)?.to_string_lossy() == "anon_inode:[kvm-gmem]")
+}
+
 /// A vCPU's dirty ring, mapped from its descriptor (`MAP_SHARED` at page
 /// [`KVM_DIRTY_LOG_PAGE_OFFSET`]); unmapped when dropped.
 #[derive(Debug)]
@@ -373,6 +457,10 @@ mod tests {
         assert_eq!(std::mem::size_of::<ClearDirtyLog>(), 24);
         assert_eq!(std::mem::size_of::<EnableCap>(), 104);
         assert_eq!(std::mem::size_of::<DirtyGfn>(), 16);
+        assert_eq!(std::mem::size_of::<UserspaceMemoryRegion2>(), 160);
+        assert_eq!(std::mem::size_of::<CreateGuestMemfd>(), 64);
+        assert_eq!(nr::KVM_SET_USER_MEMORY_REGION2(), 0x40a0_ae49);
+        assert_eq!(nr::KVM_CREATE_GUEST_MEMFD(), 0xc040_aed4);
         // The ioctl numbers as linux/kvm.h computes them.
         assert_eq!(nr::KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
         assert_eq!(nr::KVM_GET_DIRTY_LOG(), 0x4010_ae42);

@@ -180,6 +180,9 @@ flag_type! {
         HUGE_1GB = libc::MAP_HUGE_1GB;
         /// `MAP_SHARED_VALIDATE`: like `SHARED`, but unknown flags are an error.
         SHARED_VALIDATE = libc::MAP_SHARED_VALIDATE;
+        /// `MAP_SYNC` (with `SHARED_VALIDATE`, DAX files only): the file's metadata is durable
+        /// whenever a page is writable, so writing cache lines back makes data durable.
+        SYNC = libc::MAP_SYNC;
     }
 }
 

@@ -14,6 +14,7 @@
 //! calls whose only effect is on placement, residency or locking (`mlock`, `mincore`, `mbind`,
 //! ...) are safe: the kernel validates the range and reports an error for a bad one.
 
+pub mod cpu;
 pub mod fd;
 #[cfg(feature = "kvm")]
 pub mod kvm;
@@ -21,6 +22,7 @@ pub mod mman;
 pub mod numa;
 pub mod signal;
 pub mod socket;
+pub mod uffd;
 
 pub use fd::{fallocate, fstat, fstatfs, memfd_create, FallocateMode, FileStat, FsStat, MemfdFlags, Seals};
 pub use mman::{

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use guestmem::sys::socket::{recv_with_fds, send_with_fds};
+use guestmem::sys::socket::{recv_with_at_most_fds, send_with_fds};
 
 pub const SET_FEATURES: u32 = 2;
 pub const SET_MEM_TABLE: u32 = 5;
@@ -77,11 +77,11 @@ impl Conn {
     /// [`MAX_PAYLOAD`] or more than [`MAX_FDS`] descriptors are errors.
     pub fn recv(&self) -> io::Result<Option<Msg>> {
         let mut header = [0u8; HEADER];
-        let got = recv_with_fds(self.sock.as_fd(), &mut header, MAX_FDS)?;
-        if got.len == 0 {
+        let (n, fds) = recv_with_at_most_fds(self.sock.as_fd(), &mut header, MAX_FDS)?;
+        if n == 0 {
             return Ok(None);
         }
-        (&self.sock).read_exact(&mut header[got.len..])?;
+        (&self.sock).read_exact(&mut header[n..])?;
         let word = |i: usize| u32::from_ne_bytes(header[i..i + 4].try_into().unwrap());
         let (request, flags, size) = (word(0), word(4), word(8) as usize);
         if size > MAX_PAYLOAD {
@@ -89,7 +89,7 @@ impl Conn {
         }
         let mut payload = vec![0u8; size];
         (&self.sock).read_exact(&mut payload)?;
-        Ok(Some(Msg { request, flags, payload, fds: got.fds }))
+        Ok(Some(Msg { request, flags, payload, fds }))
     }
 
     /// Sends a request that needs a reply and returns the reply's payload.
