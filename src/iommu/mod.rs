@@ -316,6 +316,34 @@ impl IotlbTable {
         (iova >= start && offset <= row.last).then_some((base, offset))
     }
 
+    /// The mapping that holds `iova`, whatever its permissions, or `None` if no mapping does
+    /// (for callers that check permissions their own way, as the vm-memory face does for
+    /// `Permissions::ReadWrite` and `Permissions::No`).
+    ///
+    /// ```
+    /// use guestmem::iommu::{Iotlb, IotlbEntry, Iova, Permissions};
+    /// use guestmem::GuestAddress;
+    /// let iotlb = Iotlb::new();
+    /// iotlb.update(Iova(0x1000), 0x2000, GuestAddress(0x8000), Permissions::WRITE).unwrap();
+    /// let table = iotlb.snapshot();
+    /// let entry = IotlbEntry { iova: Iova(0x1000), size: 0x2000, guest_addr: GuestAddress(0x8000), perm: Permissions::WRITE };
+    /// assert_eq!(table.mapping(Iova(0x2fff)), Some(entry));
+    /// assert_eq!(table.mapping(Iova(0x3000)), None);
+    /// ```
+    #[inline]
+    pub fn mapping(&self, iova: Iova) -> Option<IotlbEntry> {
+        let (idx, _) = self.lookup(iova.0)?;
+        // SAFETY: `lookup` returns an index into the table (`rows` has the length of `starts`).
+        let (start, row) = unsafe { (*self.starts.get_unchecked(idx), self.rows.get_unchecked(idx)) };
+        // A mapping's size fits in u64: `check_range` refused any range ending past 2^64 - 1.
+        Some(IotlbEntry {
+            iova: Iova(start),
+            size: row.last + 1,
+            guest_addr: GuestAddress(row.guest),
+            perm: row.perm,
+        })
+    }
+
     /// Translates the first bytes of `[iova, iova + len)` for `access`: the guest address of
     /// `iova` and how many bytes from there lie in the same mapping (at most `len`; 0 when
     /// `len` is 0, which still needs `iova` mapped).
