@@ -89,7 +89,9 @@ impl From<PartialBuffer<usize>> for VolatileError {
 /// - An access of 0 bytes (an empty buffer, a count of 0, a zero-sized value) touches nothing
 ///   and succeeds wherever an empty range can be: in a slice or region at any offset up to and
 ///   including its length (past it is out of bounds, as `&s[n..n]` is), in guest memory at any
-///   address, read-only memory included (vm-memory also accepts it past a slice's end).
+///   address, read-only memory included (vm-memory also accepts it past a slice's end). By
+///   IOVA ([`iommu`](crate::iommu)), the IOVA must still be mapped for the access: there an
+///   empty access at an unmapped IOVA is a miss, which tells the IOMMU model what to map.
 /// - The `_slice`, `_obj` and exact I/O forms move everything or fail.
 ///
 /// ```

@@ -39,6 +39,7 @@ pub mod checksum;
 pub mod compat;
 pub mod dirty;
 pub mod host;
+pub mod iommu;
 #[cfg(feature = "kvm")]
 pub mod kvm;
 pub mod memory;
@@ -49,6 +50,8 @@ mod pod;
 pub mod region;
 pub mod snapshot;
 pub mod sys;
+pub mod uffd;
+pub mod vhost_user;
 pub mod volatile;
 
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};

@@ -3,8 +3,8 @@
 //! reported as a failure instead of killing the test run. Every case must return its error,
 //! and its child must exit normally.
 
-use std::os::unix::process::ExitStatusExt;
-use std::process::Command;
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -360,28 +360,8 @@ fn case_runner() {
 
 #[test]
 fn hostile_calls_return_errors_and_never_crash() {
-    let exe = std::env::current_exe().unwrap();
     let cases = cases();
     assert!(cases.len() >= 40, "only {} cases", cases.len());
-    let mut failures = Vec::new();
-    for (i, (name, _)) in cases.iter().enumerate() {
-        let out = Command::new(&exe)
-            .args(["--exact", "case_runner", "--nocapture", "--test-threads=1"])
-            .env(CASE_ENV, i.to_string())
-            .output()
-            .unwrap();
-        match (out.status.code(), out.status.signal()) {
-            (Some(0), _) => {}
-            (Some(code), _) => failures.push(format!("{name}: wrong result (exit {code})")),
-            (None, Some(sig)) => failures.push(format!("{name}: killed by signal {sig}")),
-            (None, None) => failures.push(format!("{name}: ended abnormally")),
-        }
-    }
-    assert!(
-        failures.is_empty(),
-        "{} of {} hostile calls failed:\n{}",
-        failures.len(),
-        cases.len(),
-        failures.join("\n")
-    );
+    let names: Vec<&str> = cases.iter().map(|(name, _)| *name).collect();
+    common::run_cases_in_children(&names, "case_runner", CASE_ENV);
 }

@@ -468,3 +468,42 @@ fn clone_is_a_deep_copy() {
     assert_eq!(wc.dirty_page_count(), 2);
     wc.enlarge(PAGE).unwrap(); // its words are its own
 }
+
+/// Windows share the words of their bitmap (and of each other): marks, harvests, merges and
+/// restores through any of them are the same bits, and no window reaches past its own words.
+/// (Pointer arithmetic on a shared allocation: Miri runs this.)
+#[test]
+fn windows_share_words_and_stay_in_bounds() {
+    let page = 4096;
+    let whole = AtomicBitmap::new(512 * page, page).unwrap();
+    let a = whole.window(0, 128 * page).unwrap();
+    let b = whole.window(128 * page, 384 * page).unwrap();
+    let bb = b.window(64 * page, 64 * page).unwrap();
+    assert_eq!((a.num_words(), b.num_words(), bb.num_words()), (2, 6, 1));
+    a.mark_pages(127, 10); // clipped at a's end: page 127 only
+    b.mark_dirty(64 * page + 5, 1); // page 192 of the whole
+    assert!(whole.is_page_dirty(127) && !whole.is_page_dirty(128));
+    assert!(bb.is_page_dirty(0) && whole.is_page_dirty(192));
+    let mut words = [0u64; 1];
+    assert_eq!(bb.take_dirty_words(&mut words).unwrap(), 1);
+    assert_eq!(words, [1]);
+    assert!(!whole.is_page_dirty(192));
+    bb.restore(&[1 << 3]).unwrap();
+    assert!(b.is_page_dirty(67) && whole.is_page_dirty(195));
+    assert_eq!(whole.take_dirty_runs(|_, _| {}), 2);
+    assert_eq!(a.dirty_page_count() + b.dirty_page_count(), 0);
+    // A window ending at the bitmap's end may end mid-word; one ending elsewhere may not.
+    let tail = AtomicBitmap::new(100 * page, page).unwrap();
+    assert!(tail.window(64 * page, 36 * page).is_ok());
+    assert!(matches!(tail.window(0, 70 * page), Err(BitmapError::InvalidWindow { .. })));
+    assert!(tail.window(64 * page, 37 * page).is_err());
+    assert!(tail.window(usize::MAX, 2).is_err());
+    // The words live as long as any window: the bitmap may go first.
+    drop(whole);
+    drop(a);
+    bb.mark_pages(63, 1);
+    assert_eq!(b.take_dirty_runs(|_, _| {}), 1);
+    // An empty bitmap has an empty window.
+    let empty = AtomicBitmap::new(0, page).unwrap();
+    assert_eq!(empty.window(0, 0).unwrap().num_words(), 0);
+}

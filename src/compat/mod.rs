@@ -13,6 +13,10 @@
 //! | --- | --- | --- | --- |
 //! | [`PermissionView`] | `GuestMemory` (`get_slices(addr, len, Permissions)`) | virtio-queue, virtio-vsock, vm-virtio devices | unreachable: any access is an error |
 //! | [`GuestMemoryMmap`] | `GuestMemoryBackend` (regions, host addresses) | linux-loader, vfio-ioctls, kernel vhost | the view refuses such memory, or [`writable_part`](GuestMemoryMmap::writable_part) leaves them out |
+//! | `IovaView` (feature `vm-memory-iommu`) | `GuestMemory` by IOVA through guestmem's IOTLB | devices behind a virtual IOMMU | as [`PermissionView`] |
+//!
+//! With the `vm-memory-iommu` feature, `IommuFace` is also guestmem's IOTLB as vm-memory's
+//! `Iommu`, for vm-memory's `IommuMemory` (see the `iova` items' docs).
 //!
 //! [`GuestMemoryMmap`] is also the drop-in for `vm_memory::GuestMemoryMmap<B>`: its
 //! constructors take vm-memory's addresses and answer as vm-memory does, so swapping that one
@@ -78,12 +82,16 @@
 mod atomic;
 mod bitmap;
 mod convert;
+#[cfg(feature = "vm-memory-iommu")]
+mod iova;
 mod memory;
 mod region;
 mod view;
 
 pub use atomic::{AtomicView, ViewGuard};
 pub use bitmap::{BitmapFace, BridgeBitmap, SliceFace};
+#[cfg(feature = "vm-memory-iommu")]
+pub use iova::{IommuFace, IovaSlices, IovaView, MirrorGuard, Resolver};
 pub use memory::GuestMemoryMmap;
 pub use region::GuestRegionMmap;
 pub use view::{OkSlices, PermissionView, Slices};

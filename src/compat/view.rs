@@ -136,9 +136,19 @@ pub struct Slices<'a, B> {
     left: usize,
 }
 
+impl<B> Clone for Slices<'_, B> {
+    fn clone(&self) -> Self {
+        Slices { mem: self.mem, addr: self.addr, left: self.left }
+    }
+}
+
 impl<'a, B: BridgeBitmap> Slices<'a, B> {
     #[inline(always)]
-    fn new(mem: &'a crate::GuestMemoryMmap<B>, addr: vm_memory::GuestAddress, count: usize) -> Self {
+    pub(super) fn new(
+        mem: &'a crate::GuestMemoryMmap<B>,
+        addr: vm_memory::GuestAddress,
+        count: usize,
+    ) -> Self {
         Slices { mem, addr: addr.0, left: count }
     }
 

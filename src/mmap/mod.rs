@@ -246,6 +246,9 @@ pub struct MmapRegion<B = ()> {
     sigbus: Option<crate::host::sigbus::Registration>,
     /// Mapped with `MAP_SYNC` (a DAX file): writing cache lines back makes writes durable.
     sync_faults: bool,
+    /// Discard shared file memory with `MADV_REMOVE` rather than a hole punched in the file, so
+    /// that a userfaultfd registered on it sees the discard (`EVENT_REMOVE`).
+    discard_remove: bool,
 }
 
 /// The per-range policies a region was built with.
@@ -510,6 +513,7 @@ impl<B: Bitmap> MmapRegion<B> {
         match self.kind {
             Kind::AnonPrivate => advise(Advice::DontNeed)?,
             Kind::AnonShared | Kind::Unknown => advise(Advice::Remove)?,
+            Kind::FileShared if self.discard_remove => advise(Advice::Remove)?,
             Kind::FileShared => {
                 let punched = self.file_offset.as_ref().map(|fo| {
                     sys::fallocate(
@@ -658,6 +662,7 @@ pub struct MmapRegionBuilder<B = ()> {
     dirty_tracking: bool,
     sigbus_recovery: bool,
     dax_sync: bool,
+    discard_remove: bool,
     phantom: std::marker::PhantomData<B>,
 }
 
@@ -681,6 +686,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             dirty_tracking: true,
             sigbus_recovery: true,
             dax_sync: false,
+            discard_remove: false,
             phantom: std::marker::PhantomData,
         }
     }
@@ -793,6 +799,14 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
     /// kernel refuses it for any other file ([`MmapError::OptionRefused`] naming `dax_sync`).
     pub fn dax_sync(mut self, on: bool) -> Self {
         self.dax_sync = on;
+        self
+    }
+
+    /// Discard shared file memory through the mapping (`MADV_REMOVE`, which a userfaultfd sees
+    /// as `EVENT_REMOVE`) rather than by punching a hole in the file (which it does not see): for
+    /// memory a lazy restore fills.
+    pub(crate) fn discard_by_remove(mut self, yes: bool) -> Self {
+        self.discard_remove = yes;
         self
     }
 
@@ -996,6 +1010,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             file_id,
             sigbus: None,
             sync_faults: self.dax_sync,
+            discard_remove: self.discard_remove,
         };
         let fd: Option<BorrowedFd<'_>> = region.file_offset.as_ref().map(|f| f.file().as_fd());
         let file_start = region.file_offset.as_ref().map_or(0, FileOffset::start);
@@ -1077,6 +1092,7 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
             file_id: None,
             sigbus: None,
             sync_faults: false,
+            discard_remove: false,
         })
     }
 }
@@ -1217,6 +1233,7 @@ impl<B> MmapRegion<B> {
             file_id,
             sigbus: None,
             sync_faults: false,
+            discard_remove: false,
         }
     }
 }

@@ -75,6 +75,7 @@
 //! ```
 
 mod format;
+pub mod lazy;
 
 pub use format::{HeldRuns, SnapshotInfo, SnapshotKind, SnapshotRegion, MAGIC, VERSION};
 

@@ -21,6 +21,8 @@ pub mod kvm;
 pub mod mman;
 pub mod numa;
 pub mod signal;
+pub mod socket;
+pub mod uffd;
 
 pub use fd::{fallocate, fstat, fstatfs, memfd_create, FallocateMode, FileStat, FsStat, MemfdFlags, Seals};
 pub use mman::{

@@ -139,15 +139,7 @@ const CHILD_ENV: &str = "GUESTMEM_CHILD_TEST";
 /// output, if the child does not exit normally after passing.
 pub fn in_child(test: &str, body: impl FnOnce()) {
     use std::os::unix::process::ExitStatusExt;
-    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
-        body();
-        return;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, test)
-        .output()
-        .unwrap();
+    let Some(out) = child(test, body) else { return };
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     if let Some(signal) = out.status.signal() {
@@ -161,19 +153,27 @@ pub fn in_child(test: &str, body: impl FnOnce()) {
     assert!(stdout.contains("1 passed"), "{test}: the child did not run the test\nstdout:\n{stdout}");
 }
 
+/// In the child for `test`, runs `body` and returns `None`; in the parent, runs this test binary
+/// again for `test` alone and returns what it printed and how it ended.
+fn child(test: &str, body: impl FnOnce()) -> Option<std::process::Output> {
+    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
+        body();
+        return None;
+    }
+    Some(
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args([test, "--exact", "--nocapture", "--test-threads=1"])
+            .env(CHILD_ENV, test)
+            .output()
+            .unwrap(),
+    )
+}
+
 /// Runs `body` in a child process like [`in_child`], and requires that the child is killed by
 /// `signal` (a fault that nothing may recover, such as a SIGBUS outside guestmem's memory).
 pub fn in_child_killed_by(test: &str, signal: i32, body: impl FnOnce()) {
     use std::os::unix::process::ExitStatusExt;
-    if std::env::var(CHILD_ENV).as_deref() == Ok(test) {
-        body();
-        return;
-    }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args([test, "--exact", "--nocapture", "--test-threads=1"])
-        .env(CHILD_ENV, test)
-        .output()
-        .unwrap();
+    let Some(out) = child(test, body) else { return };
     assert_eq!(
         out.status.signal(),
         Some(signal),
@@ -181,6 +181,36 @@ pub fn in_child_killed_by(test: &str, signal: i32, body: impl FnOnce()) {
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs each of `names` (a table of hostile calls) in a child process of its own: this test
+/// binary again, running only the test `runner` with the case's index in `env`; the runner
+/// exits 0 when the case returned what it must. Fails listing every case that gave a wrong
+/// result or was killed by a signal.
+pub fn run_cases_in_children(names: &[&str], runner: &str, env: &str) {
+    use std::os::unix::process::ExitStatusExt;
+    let exe = std::env::current_exe().unwrap();
+    let mut failures = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let out = std::process::Command::new(&exe)
+            .args(["--exact", runner, "--nocapture", "--test-threads=1"])
+            .env(env, i.to_string())
+            .output()
+            .unwrap();
+        match (out.status.code(), out.status.signal()) {
+            (Some(0), _) => {}
+            (Some(code), _) => failures.push(format!("{name}: wrong result (exit {code})")),
+            (None, Some(sig)) => failures.push(format!("{name}: killed by signal {sig}")),
+            (None, None) => failures.push(format!("{name}: ended abnormally")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} hostile calls failed:\n{}",
+        failures.len(),
+        names.len(),
+        failures.join("\n")
     );
 }
 

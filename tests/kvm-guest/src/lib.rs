@@ -492,6 +492,84 @@ pub fn enter_real_mode(vcpu: &VcpuFd, code_gpa: u64) -> Result<(), GuestError> {
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
 }
 
+/// The state of a vCPU that runs one of these programs, for moving it to another VM (a live
+/// migration): its general registers and its segment and control registers. The programs use
+/// nothing else (no FPU, no MSRs, no interrupts).
+///
+/// As bytes ([`to_bytes`](Self::to_bytes)) it is the raw `struct kvm_regs` then `struct
+/// kvm_sregs` of this host's ABI: only for a VM on a host of the same kind.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VcpuState {
+    /// `KVM_GET_REGS`.
+    pub regs: kvm_bindings::kvm_regs,
+    /// `KVM_GET_SREGS`.
+    pub sregs: kvm_bindings::kvm_sregs,
+}
+
+impl VcpuState {
+    /// The state of `vcpu` (paused: not in `KVM_RUN`).
+    pub fn save(vcpu: &VcpuFd) -> Result<Self, GuestError> {
+        Ok(VcpuState {
+            regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+            sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+        })
+    }
+
+    /// Gives `vcpu` this state; it resumes where the saved vCPU stopped.
+    pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), GuestError> {
+        vcpu.set_sregs(&self.sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        vcpu.set_regs(&self.regs).map_err(kvm_err("KVM_SET_REGS"))
+    }
+
+    /// The size of [`to_bytes`](Self::to_bytes).
+    pub const LEN: usize =
+        std::mem::size_of::<kvm_bindings::kvm_regs>() + std::mem::size_of::<kvm_bindings::kvm_sregs>();
+
+    /// The state as bytes (see the type's docs).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        // SAFETY: both are plain `repr(C)` structs of integers (kvm-bindings); their bytes are
+        // initialized (they were copied out of the kernel or built field by field).
+        unsafe {
+            out.extend_from_slice(std::slice::from_raw_parts(
+                (&self.regs as *const kvm_bindings::kvm_regs).cast::<u8>(),
+                std::mem::size_of::<kvm_bindings::kvm_regs>(),
+            ));
+            out.extend_from_slice(std::slice::from_raw_parts(
+                (&self.sregs as *const kvm_bindings::kvm_sregs).cast::<u8>(),
+                std::mem::size_of::<kvm_bindings::kvm_sregs>(),
+            ));
+        }
+        out
+    }
+
+    /// The state from [`to_bytes`](Self::to_bytes)'s bytes, or `None` if the length is not
+    /// [`LEN`](Self::LEN).
+    pub fn from_bytes(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
+        let split = std::mem::size_of::<kvm_bindings::kvm_regs>();
+        let mut regs = kvm_bindings::kvm_regs::default();
+        let mut sregs = kvm_bindings::kvm_sregs::default();
+        // SAFETY: every bit pattern is a valid value of these structs of integers; the lengths
+        // match (checked above).
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (&mut regs as *mut kvm_bindings::kvm_regs).cast::<u8>(),
+                split,
+            );
+            std::ptr::copy_nonoverlapping(
+                bytes[split..].as_ptr(),
+                (&mut sregs as *mut kvm_bindings::kvm_sregs).cast::<u8>(),
+                bytes.len() - split,
+            );
+        }
+        Some(VcpuState { regs, sregs })
+    }
+}
+
 /// The error for an exit the program does not produce (the `Debug` text of the exit, and
 /// where the guest stopped).
 fn unexpected(vcpu: &VcpuFd, exit: String) -> GuestError {
@@ -632,6 +710,19 @@ impl LoopingWriter {
             state = state.wrapping_mul(LCG_MUL).wrapping_add(LCG_ADD);
             start + ((u64::from(state >> 16) * pages) >> 16) * PAGE_SIZE
         })
+    }
+
+    /// What the window holds after the first `writes` writes of a run from the start, for the
+    /// pages written at all: `(gpa, sequence number of the page's last write, writes to it)`,
+    /// in address order. Everything else in the window is untouched. This is the oracle a
+    /// migrated guest's memory must match exactly, however its run was cut and resumed.
+    pub fn expected(&self, writes: u64) -> Vec<(u64, u32, u32)> {
+        let mut pages: std::collections::BTreeMap<u64, (u32, u32)> = std::collections::BTreeMap::new();
+        for (i, gpa) in self.pages().take(writes as usize).enumerate() {
+            let e = pages.entry(gpa).or_insert((0, 0));
+            *e = ((i + 1) as u32, e.1.wrapping_add(1));
+        }
+        pages.into_iter().map(|(gpa, (seq, count))| (gpa, seq, count)).collect()
     }
 
     /// The program, for the vCPU state of [`enter_real_mode`].
