@@ -1,9 +1,14 @@
 //! Addresses: [`GuestAddress`] (guest-physical), [`MemoryRegionAddress`] (an offset inside one
 //! region) and the [`Address`] trait with checked arithmetic.
 //!
-//! Arithmetic that could wrap comes in checked (`Option`) and overflowing forms; alignment takes
-//! any `u64` and returns [`AddressError::NotPowerOfTwo`] for one that is not a power of two,
-//! instead of panicking. Nothing here panics on any input.
+//! Arithmetic that could wrap comes in checked (`Option`), overflowing and `unchecked_*`
+//! (wrapping) forms; alignment takes any `u64` and returns [`AddressError::NotPowerOfTwo`] for
+//! one that is not a power of two, instead of panicking. Addresses combine with masks by `&` and
+//! `|`. Nothing here panics on any input.
+//!
+//! The `unchecked_*` forms carry vm-memory's names but not its debug-build panic: they wrap in
+//! every build, so no input makes them panic (a deliberate difference; an address from a guest
+//! must never bring the VMM down). Use the checked forms wherever overflow means something.
 //!
 //! ```
 //! use guestmem::{Address, GuestAddress};
@@ -15,6 +20,7 @@
 //! ```
 
 use std::fmt;
+use std::ops::{BitAnd, BitOr};
 
 /// A size or length in the guest's address space.
 pub type GuestUsize = u64;
@@ -68,6 +74,46 @@ pub trait Address: Copy + Ord + fmt::Debug + Send + Sync + 'static {
     #[inline]
     fn checked_offset_from(&self, base: Self) -> Option<u64> {
         self.raw_value().checked_sub(base.raw_value())
+    }
+
+    /// `self + offset`, wrapping past `u64::MAX` in every build.
+    ///
+    /// vm-memory's `unchecked_add` panics on overflow in debug builds and wraps in release
+    /// builds; guestmem's always wraps, so it never panics (see the [module doc](self)).
+    ///
+    /// ```
+    /// use guestmem::{Address, GuestAddress};
+    /// assert_eq!(GuestAddress(0x1000).unchecked_add(0x10), GuestAddress(0x1010));
+    /// assert_eq!(GuestAddress(u64::MAX).unchecked_add(2), GuestAddress(1));
+    /// ```
+    #[inline]
+    fn unchecked_add(&self, offset: u64) -> Self {
+        Self::new(self.raw_value().wrapping_add(offset))
+    }
+
+    /// `self - offset`, wrapping below 0 in every build (vm-memory panics in debug builds).
+    ///
+    /// ```
+    /// use guestmem::{Address, GuestAddress};
+    /// assert_eq!(GuestAddress(0x1010).unchecked_sub(0x10), GuestAddress(0x1000));
+    /// assert_eq!(GuestAddress(0).unchecked_sub(1), GuestAddress(u64::MAX));
+    /// ```
+    #[inline]
+    fn unchecked_sub(&self, offset: u64) -> Self {
+        Self::new(self.raw_value().wrapping_sub(offset))
+    }
+
+    /// `self - base` as a length, wrapping when `base > self`, in every build (vm-memory panics
+    /// in debug builds).
+    ///
+    /// ```
+    /// use guestmem::{Address, GuestAddress};
+    /// assert_eq!(GuestAddress(0x150).unchecked_offset_from(GuestAddress(0x100)), 0x50);
+    /// assert_eq!(GuestAddress(0).unchecked_offset_from(GuestAddress(1)), u64::MAX);
+    /// ```
+    #[inline]
+    fn unchecked_offset_from(&self, base: Self) -> u64 {
+        self.raw_value().wrapping_sub(base.raw_value())
     }
 
     /// `self` rounded down to a multiple of `align`.
@@ -137,6 +183,26 @@ macro_rules! address_type {
             }
         }
 
+        /// The address with only the bits of `mask` kept.
+        impl BitAnd<u64> for $name {
+            type Output = $name;
+
+            #[inline]
+            fn bitand(self, mask: u64) -> $name {
+                $name(self.0 & mask)
+            }
+        }
+
+        /// The address with the bits of `bits` set.
+        impl BitOr<u64> for $name {
+            type Output = $name;
+
+            #[inline]
+            fn bitor(self, bits: u64) -> $name {
+                $name(self.0 | bits)
+            }
+        }
+
         impl From<u64> for $name {
             fn from(v: u64) -> Self {
                 $name(v)
@@ -157,6 +223,8 @@ address_type! {
     /// ```
     /// use guestmem::GuestAddress;
     /// assert_eq!(format!("{}", GuestAddress(0x1000)), "0x1000");
+    /// assert_eq!(GuestAddress(0x1234) & !0xfff, GuestAddress(0x1000));
+    /// assert_eq!(GuestAddress(0x1000) | 0x34, GuestAddress(0x1034));
     /// ```
     GuestAddress
 }
@@ -191,6 +259,24 @@ mod tests {
         assert_eq!(u64::from(a), 10);
         assert_eq!(GuestAddress::from(3), GuestAddress(3));
         assert_eq!(format!("{:?}", MemoryRegionAddress(16)), "MemoryRegionAddress(0x10)");
+    }
+
+    #[test]
+    fn unchecked_arithmetic_wraps_and_masks() {
+        let a = MemoryRegionAddress(10);
+        assert_eq!(a.unchecked_add(5), MemoryRegionAddress(15));
+        assert_eq!(a.unchecked_sub(11), MemoryRegionAddress(u64::MAX));
+        assert_eq!(MemoryRegionAddress(u64::MAX).unchecked_add(1), MemoryRegionAddress(0));
+        assert_eq!(a.unchecked_offset_from(MemoryRegionAddress(4)), 6);
+        assert_eq!(a.unchecked_offset_from(MemoryRegionAddress(11)), u64::MAX);
+        // The same as the overflowing forms, without the flag.
+        for (x, y) in [(0u64, 1u64), (u64::MAX, 1), (5, 3), (1 << 63, 1 << 63)] {
+            assert_eq!(GuestAddress(x).unchecked_add(y), GuestAddress(x).overflowing_add(y).0);
+            assert_eq!(GuestAddress(x).unchecked_sub(y), GuestAddress(x).overflowing_sub(y).0);
+        }
+        assert_eq!(a & 0b1000, MemoryRegionAddress(8));
+        assert_eq!(a | 0b0101, MemoryRegionAddress(15));
+        assert_eq!(GuestAddress(u64::MAX) & 0xff00, GuestAddress(0xff00));
     }
 
     #[test]

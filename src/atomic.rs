@@ -30,10 +30,13 @@
 
 use std::fmt;
 use std::ops::Deref;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use arc_swap::{ArcSwap, Guard};
+
+use crate::memory::GuestMemory;
 
 struct Inner<M> {
     current: ArcSwap<M>,
@@ -64,9 +67,119 @@ impl<M: fmt::Debug> fmt::Debug for GuestMemoryAtomic<M> {
     }
 }
 
+/// A handle on guest memory that gives consistent snapshots of it: what a device holds, so that
+/// it works the same on fixed memory (`&M`, `Arc<M>`, `Rc<M>`) and on memory that is hot-plugged
+/// ([`GuestMemoryAtomic`]). vm-memory's trait of the same name, over guestmem's
+/// [`GuestMemory`].
+///
+/// ```
+/// use std::sync::Arc;
+/// use guestmem::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+///
+/// /// A device that reads its queue through whatever address space it was given.
+/// struct Device<AS: GuestAddressSpace> {
+///     mem: AS,
+/// }
+///
+/// impl<AS: GuestAddressSpace> Device<AS> {
+///     fn poll(&self) -> u16 {
+///         let snapshot = self.mem.memory(); // one consistent memory map for this request
+///         snapshot.read_obj(GuestAddress(0x10)).unwrap()
+///     }
+/// }
+///
+/// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
+/// mem.write_obj(7u16, GuestAddress(0x10)).unwrap();
+/// assert_eq!(Device { mem: &mem }.poll(), 7);
+/// let shared = Arc::new(mem);
+/// assert_eq!(Device { mem: shared.clone() }.poll(), 7);
+/// let atomic = GuestMemoryAtomic::from_arc(shared);
+/// assert_eq!(Device { mem: atomic.clone() }.poll(), 7);
+/// ```
+pub trait GuestAddressSpace: Clone {
+    /// The memory a snapshot gives.
+    type M: GuestMemory;
+
+    /// A snapshot: a reference or guard that dereferences to the memory and keeps it (and every
+    /// region it holds) alive.
+    type T: Clone + Deref<Target = Self::M>;
+
+    /// A snapshot of the memory as it is now.
+    fn memory(&self) -> Self::T;
+}
+
+impl<M: GuestMemory> GuestAddressSpace for &M {
+    type M = M;
+    type T = Self;
+
+    #[inline(always)]
+    fn memory(&self) -> Self {
+        self
+    }
+}
+
+impl<M: GuestMemory> GuestAddressSpace for Rc<M> {
+    type M = M;
+    type T = Self;
+
+    #[inline]
+    fn memory(&self) -> Self {
+        self.clone()
+    }
+}
+
+impl<M: GuestMemory> GuestAddressSpace for Arc<M> {
+    type M = M;
+    type T = Self;
+
+    #[inline]
+    fn memory(&self) -> Self {
+        self.clone()
+    }
+}
+
+/// Snapshots are [`GuestMemoryAtomic::memory`]'s guards.
+impl<M: GuestMemory> GuestAddressSpace for GuestMemoryAtomic<M> {
+    type M = M;
+    type T = GuestMemoryGuard<M>;
+
+    #[inline]
+    fn memory(&self) -> GuestMemoryGuard<M> {
+        GuestMemoryAtomic::memory(self)
+    }
+}
+
 /// A snapshot of the memory: derefs to it; the regions it holds stay mapped while it lives.
+///
+/// Taking one is arc-swap's lock-free `load` (a slot of the thread's own, no shared counter);
+/// a clone holds a full `Arc` of the same memory (one atomic increment), so clones can be kept
+/// for long and sent to other threads without tying up the thread's slots.
+///
+/// ```
+/// use guestmem::{GuestAddress, GuestMemory, GuestMemoryAtomic, GuestMemoryMmap};
+/// let atomic = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap());
+/// let guard = atomic.memory();
+/// let copy = guard.clone();
+/// atomic.lock().replace(GuestMemoryMmap::new());
+/// assert_eq!((guard.num_regions(), copy.num_regions(), atomic.memory().num_regions()), (1, 1, 0));
+/// assert_eq!(std::sync::Arc::strong_count(&copy.into_arc()), 2); // the guard's and ours
+/// ```
 pub struct GuestMemoryGuard<M> {
     guard: Guard<Arc<M>>,
+}
+
+impl<M> Clone for GuestMemoryGuard<M> {
+    #[inline]
+    fn clone(&self) -> Self {
+        GuestMemoryGuard { guard: Guard::from_inner(Arc::clone(&self.guard)) }
+    }
+}
+
+impl<M> GuestMemoryGuard<M> {
+    /// The snapshot as an `Arc`, to keep for long.
+    pub fn into_arc(self) -> Arc<M> {
+        Guard::into_inner(self.guard)
+    }
 }
 
 impl<M> Deref for GuestMemoryGuard<M> {
@@ -231,5 +344,32 @@ mod tests {
         other.lock().replace(9);
         assert_eq!(*atomic.memory(), 9);
         assert_eq!(*GuestMemoryAtomic::from_arc(Arc::new(5u8)).memory(), 5);
+    }
+
+    #[test]
+    fn address_spaces_and_cloned_guards() {
+        use crate::{Bytes, GuestAddress, GuestMemoryMmap};
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<GuestMemoryGuard<GuestMemoryMmap<crate::AtomicBitmap>>>();
+        fn read<AS: GuestAddressSpace>(space: &AS) -> u8 {
+            let snapshot = space.memory();
+            let again = snapshot.clone();
+            again.read_obj(GuestAddress(1)).unwrap()
+        }
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        mem.write_obj(3u8, GuestAddress(1)).unwrap();
+        assert_eq!(read(&&mem), 3);
+        let rc = Rc::new(mem.clone());
+        assert_eq!(read(&rc), 3);
+        let atomic = GuestMemoryAtomic::new(mem);
+        assert_eq!(read(&atomic), 3);
+        // A cloned guard outlives the guard it came from, and a replacement, on another thread.
+        let guard = GuestAddressSpace::memory(&atomic);
+        let copy = guard.clone();
+        drop(guard);
+        atomic.lock().replace(GuestMemoryMmap::new());
+        let got = std::thread::spawn(move || copy.read_obj::<u8>(GuestAddress(1)).unwrap()).join().unwrap();
+        assert_eq!(got, 3);
+        assert!(atomic.memory().read_obj::<u8>(GuestAddress(1)).is_err());
     }
 }

@@ -20,11 +20,15 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::address::GuestAddress;
-use crate::bitmap::{Bitmap, BitmapError, BitmapSlice, DirtyHarvest};
-use crate::memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap};
-use crate::region::GuestMemoryRegion;
+use crate::bitmap::{BitmapError, BitmapSlice, DirtyHarvest};
+use crate::memory::{AsGuestRegionMmap, GuestMemory, GuestMemoryError, GuestRegionCollection};
 
-impl<B: Bitmap + DirtyHarvest> GuestMemoryMmap<B> {
+/// For every region collection ([`GuestMemoryMmap`](crate::GuestMemoryMmap), or one of a VMM's
+/// own region type) whose bitmaps can be harvested.
+impl<R: AsGuestRegionMmap> GuestRegionCollection<R>
+where
+    R::B: DirtyHarvest,
+{
     /// Takes and clears every region's dirty bits (each 64-page word atomically), calling
     /// `f(start, len)` once per maximal run of dirty guest memory, in address order; runs that
     /// continue into the next region are one call. Allocates nothing. Returns the number of

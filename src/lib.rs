@@ -55,11 +55,18 @@ pub mod vhost_user;
 pub mod volatile;
 
 pub use address::{Address, AddressError, GuestAddress, GuestUsize, MemoryRegionAddress};
-pub use atomic::{GuestMemoryAtomic, GuestMemoryExclusiveGuard, GuestMemoryGuard, MemoryCache};
+pub use atomic::{
+    GuestAddressSpace, GuestMemoryAtomic, GuestMemoryExclusiveGuard, GuestMemoryGuard, MemoryCache,
+};
 pub use bitmap::AtomicBitmap;
-pub use bytes::{AtomicAccess, AtomicInteger, Be16, Be32, Be64, ByteValued, Bytes, Le16, Le32, Le64};
+pub use bytes::{
+    AtomicAccess, AtomicInteger, Be16, Be32, Be64, BeSize, ByteValued, Bytes, Le16, Le32, Le64, LeSize,
+};
 pub use dirty::DirtyRate;
-pub use memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap, GuestMemorySlices, GuestSlice};
+pub use memory::{
+    AsGuestRegionMmap, GuestMemory, GuestMemoryError, GuestMemoryMmap, GuestMemorySlices,
+    GuestRegionCollection, GuestSlice,
+};
 pub use region::{GuestMemoryRegion, GuestRegionMmap};
 pub use volatile::{
     AtomicRef, ReadVolatile, ReadVolatileAt, VolatileArrayRef, VolatileError, VolatileMemory, VolatileRef,

@@ -11,7 +11,9 @@ use std::sync::atomic::{
     AtomicUsize, Ordering,
 };
 
-use zerocopy::{FromBytes, Immutable, IntoBytes};
+use std::mem::{align_of, size_of};
+
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout};
 
 /// The seal of [`AtomicInteger`] and [`AtomicAccess`]: a public trait in a private module, so
 /// no type outside this crate can implement them.
@@ -27,18 +29,137 @@ pub trait ByteValued: FromBytes + IntoBytes + Immutable + Copy {}
 
 impl<T: FromBytes + IntoBytes + Immutable + Copy> ByteValued for T {}
 
-/// A little-endian `u16` in guest memory (zerocopy's byteorder type).
-pub type Le16 = zerocopy::little_endian::U16;
-/// A little-endian `u32` in guest memory.
-pub type Le32 = zerocopy::little_endian::U32;
-/// A little-endian `u64` in guest memory.
-pub type Le64 = zerocopy::little_endian::U64;
-/// A big-endian `u16` in guest memory.
-pub type Be16 = zerocopy::big_endian::U16;
-/// A big-endian `u32` in guest memory.
-pub type Be32 = zerocopy::big_endian::U32;
-/// A big-endian `u64` in guest memory.
-pub type Be64 = zerocopy::big_endian::U64;
+macro_rules! endian_type {
+    ($(#[$doc:meta])* $name:ident, $native:ty, $to:ident, $from:ident) => {
+        $(#[$doc])*
+        ///
+        /// `#[repr(transparent)]` over the native integer: the same size and the same alignment,
+        /// so a `#[repr(C)]` struct of these has the layout of the same struct of native
+        /// integers (as vm-memory's endian types; zerocopy's byteorder types have alignment 1).
+        /// [`new`](Self::new)/[`From`] convert from native, [`get`](Self::get)/
+        /// [`to_native`](Self::to_native)/[`From`] back; `Debug` shows the native value;
+        /// equality with a native integer compares values.
+        #[derive(Clone, Copy, Default, PartialEq, Eq, Hash, FromBytes, IntoBytes, Immutable, KnownLayout)]
+        #[repr(transparent)]
+        pub struct $name($native);
+
+        impl $name {
+            /// The value `v` in this byte order.
+            #[inline(always)]
+            pub const fn new(v: $native) -> Self {
+                $name(v.$to())
+            }
+
+            /// The value, in the host's byte order.
+            #[inline(always)]
+            pub const fn get(self) -> $native {
+                <$native>::$from(self.0)
+            }
+
+            /// Stores `v`, in this byte order.
+            #[inline(always)]
+            pub fn set(&mut self, v: $native) {
+                *self = Self::new(v);
+            }
+
+            /// The value, in the host's byte order (vm-memory's name for [`get`](Self::get)).
+            #[inline(always)]
+            pub const fn to_native(self) -> $native {
+                self.get()
+            }
+        }
+
+        impl From<$native> for $name {
+            #[inline(always)]
+            fn from(v: $native) -> Self {
+                Self::new(v)
+            }
+        }
+
+        impl From<$name> for $native {
+            #[inline(always)]
+            fn from(v: $name) -> $native {
+                v.get()
+            }
+        }
+
+        impl PartialEq<$native> for $name {
+            #[inline]
+            fn eq(&self, other: &$native) -> bool {
+                self.get() == *other
+            }
+        }
+
+        impl PartialEq<$name> for $native {
+            #[inline]
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.get()
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_tuple(stringify!($name)).field(&self.get()).finish()
+            }
+        }
+
+        const _: () = assert!(
+            size_of::<$name>() == size_of::<$native>() && align_of::<$name>() == align_of::<$native>()
+        );
+    };
+}
+
+endian_type!(
+    /// A little-endian `u16` in guest memory.
+    ///
+    /// ```
+    /// use guestmem::Le16;
+    /// use zerocopy::IntoBytes;
+    /// let v = Le16::new(0x0102);
+    /// assert_eq!(v.as_bytes(), &[2, 1]);
+    /// assert_eq!((v.get(), u16::from(v)), (0x0102, 0x0102));
+    /// assert_eq!(v, 0x0102u16);
+    /// assert_eq!(format!("{v:#x?}"), "Le16(\n    0x102,\n)");
+    /// ```
+    Le16, u16, to_le, from_le
+);
+endian_type!(
+    /// A little-endian `u32` in guest memory.
+    Le32, u32, to_le, from_le
+);
+endian_type!(
+    /// A little-endian `u64` in guest memory.
+    Le64, u64, to_le, from_le
+);
+endian_type!(
+    /// A little-endian `usize` in guest memory.
+    LeSize, usize, to_le, from_le
+);
+endian_type!(
+    /// A big-endian `u16` in guest memory.
+    Be16, u16, to_be, from_be
+);
+endian_type!(
+    /// A big-endian `u32` in guest memory.
+    ///
+    /// ```
+    /// use guestmem::Be32;
+    /// use zerocopy::IntoBytes;
+    /// let mut v = Be32::from(0x0102_0304);
+    /// assert_eq!(v.as_bytes(), &[1, 2, 3, 4]);
+    /// v.set(5);
+    /// assert_eq!(v.to_native(), 5);
+    /// ```
+    Be32, u32, to_be, from_be
+);
+endian_type!(
+    /// A big-endian `u64` in guest memory.
+    Be64, u64, to_be, from_be
+);
+endian_type!(
+    /// A big-endian `usize` in guest memory.
+    BeSize, usize, to_be, from_be
+);
 
 /// The little-endian `u32` at byte `at` of a fixed-size header `b` (file and stream formats).
 /// The caller guarantees `at + 4 <= b.len()`.
@@ -214,12 +335,62 @@ mod tests {
         check::<Le16>();
         check::<Le32>();
         check::<Le64>();
+        check::<LeSize>();
         check::<Be16>();
         check::<Be32>();
         check::<Be64>();
+        check::<BeSize>();
         check::<[u8; 3]>();
         let v = Be32::new(0x0102_0304);
         assert_eq!(v.as_bytes(), &[1, 2, 3, 4]);
         assert_eq!(Le16::new(0x0102).as_bytes(), &[2, 1]);
+        assert_eq!(Le64::new(1).as_bytes(), &[1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(Be64::new(1).as_bytes(), &[0, 0, 0, 0, 0, 0, 0, 1]);
+        assert_eq!(LeSize::new(0x0102).as_bytes()[..2], [2, 1]);
+        assert_eq!(BeSize::new(1).as_bytes()[size_of::<usize>() - 1], 1);
+        assert_eq!(Le32::read_from_bytes(&[4, 3, 2, 1]).unwrap().get(), 0x0102_0304);
+        assert_eq!(Be16::default().get(), 0);
+        assert!(Be16::new(1) == 1u16 && 1u16 == Be16::new(1) && Be16::new(1) != Be16::new(256));
+        assert_eq!(format!("{:?}", Le32::new(7)), "Le32(7)");
+    }
+
+    /// The layout of a `#[repr(C)]` struct of endian types is that of the native one (vm-memory's
+    /// endian types are aligned like this; zerocopy's byteorder types, alignment 1, are not).
+    #[test]
+    fn endian_types_keep_native_layout() {
+        #[derive(Clone, Copy)]
+        #[repr(C)]
+        struct Endian {
+            a: Le16,
+            b: Le64,
+            c: Be32,
+            d: Le16,
+        }
+        #[derive(Clone, Copy)]
+        #[repr(C)]
+        #[allow(dead_code)]
+        struct Native {
+            a: u16,
+            b: u64,
+            c: u32,
+            d: u16,
+        }
+        assert_eq!((size_of::<Endian>(), align_of::<Endian>()), (size_of::<Native>(), align_of::<Native>()));
+        assert_eq!(std::mem::offset_of!(Endian, b), std::mem::offset_of!(Native, b));
+        assert_eq!(std::mem::offset_of!(Endian, c), std::mem::offset_of!(Native, c));
+        let e = Endian { a: 1.into(), b: 2.into(), c: 3.into(), d: 4.into() };
+        assert_eq!((e.a.get(), e.b.get(), e.c.get(), e.d.get()), (1, 2, 3, 4));
+        for (t, n) in [
+            (align_of::<Le16>(), align_of::<u16>()),
+            (align_of::<Le32>(), align_of::<u32>()),
+            (align_of::<Le64>(), align_of::<u64>()),
+            (align_of::<LeSize>(), align_of::<usize>()),
+            (align_of::<Be16>(), align_of::<u16>()),
+            (align_of::<Be32>(), align_of::<u32>()),
+            (align_of::<Be64>(), align_of::<u64>()),
+            (align_of::<BeSize>(), align_of::<usize>()),
+        ] {
+            assert_eq!(t, n);
+        }
     }
 }

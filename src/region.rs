@@ -128,9 +128,10 @@ pub enum GuestMemoryError {
         /// The region's size.
         size: GuestUsize,
     },
-    /// Two regions that map the same bytes of the same file (or memfd): each would keep its own
-    /// dirty bitmap, so a write through one would never show in the other's harvest.
-    #[error("regions at {first_start} and {second_start} map overlapping ranges of the same file")]
+    /// Two regions that map the same bytes of the same file (or memfd), or share host memory
+    /// (the same mapping twice, `GuestRegionMmap::with_arc`): a write through one would be
+    /// harvested, snapshotted and migrated at the other's guest addresses never, or only once.
+    #[error("regions at {first_start} and {second_start} map the same memory")]
     RegionAlias {
         /// Start of the first region.
         first_start: GuestAddress,
@@ -140,6 +141,36 @@ pub enum GuestMemoryError {
     /// No region starts at the address given to `remove_region`.
     #[error("no region starts at {0}")]
     NoRegionAt(GuestAddress),
+    /// `remove_region` of a size that is not the size of the region at that address (as
+    /// vm-memory's `remove_region`, which takes the size too, nothing is removed).
+    #[error("the region at {base} has {region_len:#x} bytes, not {size:#x}")]
+    RegionSizeMismatch {
+        /// The region's start.
+        base: GuestAddress,
+        /// The size given.
+        size: GuestUsize,
+        /// The region's size.
+        region_len: GuestUsize,
+    },
+    /// A region length that is not the first bytes of its mapping with only the last page
+    /// partial (`GuestRegionMmap::with_len`).
+    #[error("a region of {len:#x} bytes at {base} does not fit a mapping of {mapping_size:#x} bytes (its length rounded up to the page size)")]
+    InvalidRegionLength {
+        /// Where the region was to start.
+        base: GuestAddress,
+        /// Its length.
+        len: GuestUsize,
+        /// The mapping's size.
+        mapping_size: GuestUsize,
+    },
+    /// A region type of a VMM's own (in a `GuestRegionCollection`) whose start, length or
+    /// bitmap differ from those of the `GuestRegionMmap` it gives: the collection would
+    /// translate with one and harvest the other.
+    #[error("the region at {base} answers differently from the GuestRegionMmap it holds")]
+    InconsistentRegion {
+        /// The region's start, as it gives it.
+        base: GuestAddress,
+    },
     /// Building a region's mapping failed.
     #[error("mapping a region at {base} failed: {source}")]
     Mmap {
@@ -148,6 +179,32 @@ pub enum GuestMemoryError {
         /// Why.
         source: MmapError,
     },
+    /// A region-relative transfer that stopped early, from a provided method of
+    /// [`Bytes<MemoryRegionAddress>`](crate::Bytes) (a region type that implements only the
+    /// primitives; guestmem's regions name the guest address instead, as `PartialBuffer`).
+    #[error("transfer at region offset {offset} stopped after {completed:#x} of {expected:#x} bytes")]
+    PartialRegionBuffer {
+        /// Where the transfer started, in the region.
+        offset: MemoryRegionAddress,
+        /// Bytes it had to move.
+        expected: usize,
+        /// Bytes it moved.
+        completed: usize,
+    },
+}
+
+/// A short transfer by guest address.
+impl From<crate::bytes::PartialBuffer<GuestAddress>> for GuestMemoryError {
+    fn from(p: crate::bytes::PartialBuffer<GuestAddress>) -> Self {
+        GuestMemoryError::PartialBuffer { addr: p.addr, expected: p.expected, completed: p.completed }
+    }
+}
+
+/// A short transfer by region offset.
+impl From<crate::bytes::PartialBuffer<MemoryRegionAddress>> for GuestMemoryError {
+    fn from(p: crate::bytes::PartialBuffer<MemoryRegionAddress>) -> Self {
+        GuestMemoryError::PartialRegionBuffer { offset: p.addr, expected: p.expected, completed: p.completed }
+    }
 }
 
 impl GuestMemoryError {
@@ -211,7 +268,25 @@ pub trait GuestMemoryRegion {
 
     /// `addr` if it lies inside the region.
     fn check_address(&self, addr: MemoryRegionAddress) -> Option<MemoryRegionAddress> {
-        (addr.0 < self.len()).then_some(addr)
+        self.address_in_range(addr).then_some(addr)
+    }
+
+    /// Whether `addr` lies inside the region.
+    ///
+    /// ```
+    /// use guestmem::{GuestAddress, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+    /// let r = GuestRegionMmap::build(guestmem::mmap::MmapRegionBuilder::<()>::new(0x1000), GuestAddress(0)).unwrap();
+    /// assert!(r.address_in_range(MemoryRegionAddress(0xfff)) && !r.address_in_range(MemoryRegionAddress(0x1000)));
+    /// assert_eq!(r.checked_offset(MemoryRegionAddress(0xff0), 0xf), Some(MemoryRegionAddress(0xfff)));
+    /// assert_eq!(r.checked_offset(MemoryRegionAddress(0xff0), 0x10), None);
+    /// ```
+    fn address_in_range(&self, addr: MemoryRegionAddress) -> bool {
+        addr.0 < self.len()
+    }
+
+    /// `base + offset` if that lies inside the region (`None` past it, or if it wraps).
+    fn checked_offset(&self, base: MemoryRegionAddress, offset: usize) -> Option<MemoryRegionAddress> {
+        base.checked_add(offset as u64).and_then(|a| self.check_address(a))
     }
 
     /// The offset of guest address `addr` in the region, if it lies inside.
@@ -235,11 +310,21 @@ pub trait GuestMemoryRegion {
 
 /// A guest memory region backed by an [`MmapRegion`].
 ///
-/// Dereferences to the mapping for its accessors (`discard`, `resident_pages`, ...).
+/// The mapping is shared (`Arc`): [`with_arc`](Self::with_arc) places a mapping another region
+/// has at a new guest address ([`get_mmap`](Self::get_mmap)), as vm-memory's do, for a VMM that
+/// moves memory in the guest's address space (a remapped BAR, a resized window) without
+/// copying it. The region is the mapping's first [`len`](GuestMemoryRegion::len) bytes: the
+/// mapping's size rounded up to the page size (a region need not be a page multiple: see
+/// [`with_len`](Self::with_len)).
+///
+/// Dereferences to the mapping for its accessors (`discard`, `resident_pages`, `size`, ...),
+/// which work on the whole mapping.
 #[derive(Debug)]
 pub struct GuestRegionMmap<B = ()> {
-    mapping: MmapRegion<B>,
+    mapping: Arc<MmapRegion<B>>,
     guest_base: GuestAddress,
+    /// The region's length: the mapping's size, or less within its last page.
+    len: GuestUsize,
     /// The region KVM maps in this one's place (a block group of a plug-state device).
     kvm_group: Option<Arc<GuestRegionMmap<B>>>,
 }
@@ -260,8 +345,73 @@ impl<B: Bitmap> GuestRegionMmap<B> {
     /// assert!(matches!(e, GuestMemoryError::UnalignedRegion { .. }));
     /// ```
     pub fn new(mapping: MmapRegion<B>, guest_base: GuestAddress) -> Result<Self, GuestMemoryError> {
-        check_placement(guest_base, mapping.size() as u64)?;
-        Ok(GuestRegionMmap { mapping, guest_base, kvm_group: None })
+        Self::with_arc(Arc::new(mapping), guest_base)
+    }
+
+    /// [`new`](Self::new) for a shared mapping (vm-memory's name): the same memory, placed at
+    /// `guest_base`. With [`get_mmap`](Self::get_mmap), it re-places a region's memory at
+    /// another guest address.
+    ///
+    /// Two regions of one guest memory may not share memory
+    /// ([`GuestMemoryError::RegionAlias`]; vm-memory allows it): a dirty page would be
+    /// harvested once, at one of its guest addresses, and a snapshot or migration would
+    /// restore the other address from stale data. Re-place a mapping in the *next* memory,
+    /// without the old region.
+    ///
+    /// ```
+    /// use guestmem::{Bytes, GuestAddress, GuestMemory, GuestMemoryMmap, GuestRegionMmap};
+    /// use std::sync::Arc;
+    /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0xe000_0000), 0x10000)]).unwrap();
+    /// mem.write_obj(7u32, GuestAddress(0xe000_0010)).unwrap();
+    /// // The guest moved the window: the same memory at a new address, nothing copied.
+    /// let (rest, old) = mem.remove_region(GuestAddress(0xe000_0000), 0x10000).unwrap();
+    /// let moved = GuestRegionMmap::with_arc(old.get_mmap(), GuestAddress(0xf000_0000)).unwrap();
+    /// let mem = rest.insert_region(Arc::new(moved)).unwrap();
+    /// assert_eq!(mem.read_obj::<u32>(GuestAddress(0xf000_0010)).unwrap(), 7);
+    /// ```
+    pub fn with_arc(mapping: Arc<MmapRegion<B>>, guest_base: GuestAddress) -> Result<Self, GuestMemoryError> {
+        let len = mapping.size() as u64;
+        Self::with_len(mapping, guest_base, len)
+    }
+
+    /// A region of the first `len` bytes of a shared mapping, at `guest_base`: for a region
+    /// whose length is not a page multiple (vm-memory accepts one of `0x10_0004` bytes; its
+    /// mmap rounds up to the page too). The mapping must be `len` rounded up to the host page
+    /// size ([`GuestMemoryError::InvalidRegionLength`] otherwise), so the region has the
+    /// mapping's pages: its dirty bitmap, snapshots and migration see whole pages whose last
+    /// one is partial, every access stops at `len`, and the bytes of the last page past `len`
+    /// are not guest memory. [`build`](Self::build) and `from_ranges` make such regions from
+    /// a length that is not a page multiple.
+    ///
+    /// Such a region cannot be a KVM memslot: KVM takes whole pages only, and
+    /// `KvmSlots::register` fails for it (the kernel refuses the slot).
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use guestmem::{Bytes, GuestAddress, GuestMemoryError, GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress};
+    /// use guestmem::mmap::MmapRegionBuilder;
+    /// let mapping = Arc::new(MmapRegionBuilder::<()>::new(0x10_1000).build().unwrap());
+    /// let r = GuestRegionMmap::with_len(mapping.clone(), GuestAddress(0), 0x10_0004).unwrap();
+    /// assert_eq!((r.len(), r.size()), (0x10_0004, 0x10_1000));
+    /// r.write_obj(1u32, MemoryRegionAddress(0x10_0000)).unwrap();
+    /// assert!(r.write_obj(1u32, MemoryRegionAddress(0x10_0002)).is_err());
+    /// let e = GuestRegionMmap::with_len(mapping, GuestAddress(0), 0x10_0000).unwrap_err();
+    /// assert!(matches!(e, GuestMemoryError::InvalidRegionLength { .. }));
+    /// ```
+    pub fn with_len(
+        mapping: Arc<MmapRegion<B>>,
+        guest_base: GuestAddress,
+        len: GuestUsize,
+    ) -> Result<Self, GuestMemoryError> {
+        check_placement(guest_base, len)?;
+        check_len(guest_base, len, &mapping)?;
+        Ok(GuestRegionMmap { mapping, guest_base, len, kvm_group: None })
+    }
+
+    /// The shared mapping behind the region (vm-memory's name), to place it elsewhere with
+    /// [`with_arc`](Self::with_arc).
+    pub fn get_mmap(&self) -> Arc<MmapRegion<B>> {
+        self.mapping.clone()
     }
 
     /// A region that KVM maps as part of `group` (a larger region holding it, at the same
@@ -271,8 +421,9 @@ impl<B: Bitmap> GuestRegionMmap<B> {
         guest_base: GuestAddress,
         group: Arc<GuestRegionMmap<B>>,
     ) -> Result<Self, GuestMemoryError> {
-        check_placement(guest_base, mapping.size() as u64)?;
-        Ok(GuestRegionMmap { mapping, guest_base, kvm_group: Some(group) })
+        let len = mapping.size() as u64;
+        check_placement(guest_base, len)?;
+        Ok(GuestRegionMmap { mapping: Arc::new(mapping), guest_base, len, kvm_group: Some(group) })
     }
 
     /// The region KVM should map in this one's place, if any: the block group of a plug-state
@@ -288,9 +439,20 @@ impl<B: Bitmap> GuestRegionMmap<B> {
         &self.mapping
     }
 
-    /// The region as one slice.
+    /// The region as one slice (its `len` bytes: not the rest of a partial last page).
     pub fn as_volatile_slice(&self) -> VolatileSlice<'_, BS<'_, B>> {
-        self.mapping.as_volatile_slice()
+        // SAFETY: `len <= mapping.size()` (checked when the region was made), so this is the
+        // start of the mapping, which lives while `self` holds its `Arc`; it is writable
+        // exactly when the protection says so, which the slice is told, as in
+        // `MmapRegion::as_volatile_slice`. No reference to it is made.
+        unsafe {
+            VolatileSlice::with_bitmap(
+                self.mapping.as_ptr(),
+                self.len as usize,
+                self.mapping.bitmap().slice_at(0),
+                self.mapping.protection().is_writable(),
+            )
+        }
     }
 
     /// The slice `[offset, offset + count)`, or an error naming the guest address.
@@ -301,7 +463,9 @@ impl<B: Bitmap> GuestRegionMmap<B> {
         count: usize,
     ) -> Result<VolatileSlice<'_, BS<'_, B>>, GuestMemoryError> {
         let at = usize::try_from(offset.0).unwrap_or(usize::MAX);
-        self.mapping.get_slice(at, count).map_err(|e| self.error(offset, e))
+        crate::volatile::check_range(at, count, self.len as usize)
+            .and_then(|_| self.mapping.get_slice(at, count))
+            .map_err(|e| self.error(offset, e))
     }
 
     /// The error of an access at `offset` of the region: an offset or length past the region's
@@ -327,6 +491,21 @@ impl<B: Bitmap> GuestRegionMmap<B> {
     }
 }
 
+/// Checks that a region of `len` bytes is the first bytes of `mapping`, whose size is `len`
+/// rounded up to the host page size.
+fn check_len<B>(
+    base: GuestAddress,
+    len: GuestUsize,
+    mapping: &MmapRegion<B>,
+) -> Result<(), GuestMemoryError> {
+    let mapping_size = mapping.size() as u64;
+    let page = crate::sys::page_size() as u64;
+    if len > mapping_size || len.checked_next_multiple_of(page) != Some(mapping_size) {
+        return Err(GuestMemoryError::InvalidRegionLength { base, len, mapping_size });
+    }
+    Ok(())
+}
+
 /// Checks that a region of `len` bytes can start at `base`: not empty, page aligned, not
 /// wrapping past the top of the guest address space.
 fn check_placement(base: GuestAddress, len: GuestUsize) -> Result<(), GuestMemoryError> {
@@ -344,21 +523,35 @@ impl<B: NewBitmap> GuestRegionMmap<B> {
     /// Builds the mapping described by `builder` and places it at `guest_base`, checking the
     /// placement before anything is mapped.
     ///
+    /// A size that is not a multiple of the host page size makes a region of exactly that
+    /// length over a mapping rounded up to the page ([`with_len`](Self::with_len)); a file
+    /// backing must then cover the rounded-up mapping. (The builder alone refuses such a size:
+    /// a mapping is whole pages.)
+    ///
     /// ```
     /// use guestmem::{GuestAddress, GuestMemoryRegion, GuestRegionMmap};
     /// use guestmem::mmap::MmapRegionBuilder;
     /// let r = GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x1000), GuestAddress(0x4000)).unwrap();
     /// assert_eq!(r.last_addr(), GuestAddress(0x4fff));
     /// assert!(GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x2000), GuestAddress(u64::MAX)).is_err());
+    /// let odd = GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x1004), GuestAddress(0)).unwrap();
+    /// assert_eq!((odd.len(), odd.size()), (0x1004, 0x2000));
     /// ```
     pub fn build(builder: MmapRegionBuilder<B>, guest_base: GuestAddress) -> Result<Self, GuestMemoryError> {
-        let len = builder.size() as u64;
+        let size = builder.size();
+        let len = size as u64;
         if len != 0 {
             check_placement(guest_base, len)?;
         }
+        // A partial last page is mapped whole (a size too close to usize::MAX to round is left
+        // for the builder to refuse).
+        let builder = match size.checked_next_multiple_of(crate::sys::page_size()) {
+            Some(rounded) if rounded != size => builder.with_size(rounded),
+            _ => builder,
+        };
         let mapping =
             builder.build().map_err(|source| GuestMemoryError::Mmap { base: guest_base, source })?;
-        Self::new(mapping, guest_base)
+        Self::with_len(Arc::new(mapping), guest_base, len)
     }
 }
 
@@ -375,7 +568,7 @@ impl<B: Bitmap> GuestMemoryRegion for GuestRegionMmap<B> {
 
     #[inline]
     fn len(&self) -> GuestUsize {
-        self.mapping.size() as u64
+        self.len
     }
 
     #[inline]

@@ -127,6 +127,17 @@ fn drop_in_answers_as_vm_memory_does() {
     }
     assert_eq!(theirs.len(), ours.len());
 
+    // Regions whose sizes are not page multiples (as virtio-vsock's tests make) end where
+    // vm-memory's do.
+    let ranges =
+        [(GuestAddress(0), 0xfffc), (GuestAddress(0x10000), 0x10004), (GuestAddress(0x30000), 0xffd)];
+    let theirs = trace(&vm_memory::GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+    let ours = trace(&compat::GuestMemoryMmap::<()>::from_ranges(&ranges).unwrap());
+    for (t, o) in theirs.iter().zip(&ours) {
+        assert_eq!(t, o);
+    }
+    assert_eq!(theirs.len(), ours.len());
+
     // The permission view of the same guestmem memory answers the same through `Bytes`.
     let mem =
         guestmem::GuestMemoryMmap::<()>::from_ranges(&[(ga(0), 0x10000), (ga(0x10000), 0x10000)]).unwrap();
@@ -314,7 +325,7 @@ fn atomic_view_follows_hotplug_and_keeps_snapshots_mapped() {
     let space = AtomicView::new(&atomic);
     let held = space.memory();
     let clone = held.clone();
-    atomic.update(|m| m.remove_region(ga(0x10000)).map(|(m, _)| m)).unwrap();
+    atomic.update(|m| m.remove_region(ga(0x10000), 0x10000).map(|(m, _)| m)).unwrap();
     // The old snapshot still reads and writes the removed region; the new one refuses it.
     held.write_obj(5u64, GuestAddress(0x10008)).unwrap();
     assert_eq!(clone.read_obj::<u64>(GuestAddress(0x10008)).unwrap(), 5);
@@ -558,14 +569,18 @@ fn cases() -> Vec<Case> {
             r.write_obj(1u32, MemoryRegionAddress(0xfffe)).is_err()
                 && r.get_slice(MemoryRegionAddress(u64::MAX), 2).is_err()
         }),
-        ("drop-in region of 0x10_0004 bytes", || {
-            matches!(
-                compat::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0004)]),
-                Err(compat::Error::NotPageMultiple { .. })
-            )
+        ("drop-in region of 0x10_0004 bytes: accesses past its end", || {
+            let m = compat::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0004)]).unwrap();
+            m.write_obj(1u64, GuestAddress(0x10_0000)).is_err()
+                && m.read_obj::<u8>(GuestAddress(0x10_0004)).is_err()
+                && m.get_slice(GuestAddress(0x10_0000), 5).is_err()
+                && m.write_obj(1u32, GuestAddress(0x10_0000)).is_ok()
         }),
         ("drop-in region at an unaligned address", || {
-            compat::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x800), 0x1000)]).is_err()
+            matches!(
+                compat::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x800), 0x1000)]),
+                Err(compat::Error::NotPageMultiple { .. })
+            )
         }),
         ("drop-in region wrapping past 2^64", || {
             compat::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(!0xfff), 0x2000)]).is_err()
@@ -644,7 +659,7 @@ fn every_compat_error_variant_from_a_real_call() {
         Ok(())
     };
     let produced = vec![
-        compat::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), PAGE + 4)]).unwrap_err(),
+        compat::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(4), PAGE)]).unwrap_err(),
         compat::GuestMemoryMmap::from_guestmem(&m).unwrap_err(),
         read_only_access,
         compat::GuestMemoryMmap::<()>::from_regions(vec![]).unwrap_err(),

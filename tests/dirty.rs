@@ -183,7 +183,7 @@ fn tracking_switched_off_refuses_to_report_clean() {
     assert!(matches!(mem.dirty_page_count(), Err(BitmapError::NotTracking)));
     // Types that always track ignore the request.
     let always = MmapRegionBuilder::<AtomicBitmap>::new(0x1000).dirty_tracking(false).build().unwrap();
-    assert_eq!(always.bitmap().len(), 0x1000);
+    assert_eq!(always.bitmap().byte_len(), 0x1000);
     always.as_volatile_slice().write_obj(1u8, 0).unwrap();
     assert_eq!(always.bitmap().dirty_page_count(), 1);
 }
@@ -311,7 +311,7 @@ fn the_bitmap_always_covers_the_whole_region() {
         .build()
         .unwrap();
     for (what, region) in [("build", &built), ("build_raw", &adopted), ("memfd", &memfd)] {
-        assert_eq!(region.bitmap().len(), size, "{what}");
+        assert_eq!(region.bitmap().byte_len(), size, "{what}");
         assert_eq!(region.bitmap().num_pages(), 257, "{what}");
         region.as_volatile_slice().write_obj(1u8, size - 1).unwrap();
         assert!(region.bitmap().is_page_dirty(256), "{what}: the last page's mark was dropped");

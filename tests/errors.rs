@@ -16,7 +16,7 @@ use guestmem::sys::{MapFlags, MemPolicy, Protection};
 use guestmem::volatile::{ReadVolatile, ReadVolatileAt};
 use guestmem::{
     Address, AddressError, Bytes, GuestAddress, GuestMemory, GuestMemoryError, GuestMemoryMmap,
-    GuestRegionMmap, MemoryRegionAddress, VolatileError, VolatileSlice,
+    GuestMemoryRegion, GuestRegionMmap, MemoryRegionAddress, VolatileError, VolatileSlice,
 };
 
 fn file(len: u64) -> std::fs::File {
@@ -180,6 +180,89 @@ fn mmap_error() {
     assert!(matches!(raw, Err(MmapError::ZeroSize)));
 }
 
+/// A window on a region that implements only the primitives of `Bytes`.
+struct Window<'a>(&'a GuestRegionMmap);
+
+impl Bytes<MemoryRegionAddress> for Window<'_> {
+    type E = GuestMemoryError;
+    fn write(&self, buf: &[u8], at: MemoryRegionAddress) -> Result<usize, GuestMemoryError> {
+        self.0.write(buf, at)
+    }
+    fn read(&self, buf: &mut [u8], at: MemoryRegionAddress) -> Result<usize, GuestMemoryError> {
+        self.0.read(buf, at)
+    }
+    fn read_volatile_from<F: ReadVolatile + ?Sized>(
+        &self,
+        at: MemoryRegionAddress,
+        src: &mut F,
+        n: usize,
+    ) -> Result<usize, GuestMemoryError> {
+        self.0.read_volatile_from(at, src, n)
+    }
+    fn write_volatile_to<F: guestmem::WriteVolatile + ?Sized>(
+        &self,
+        at: MemoryRegionAddress,
+        dst: &mut F,
+        n: usize,
+    ) -> Result<usize, GuestMemoryError> {
+        self.0.write_volatile_to(at, dst, n)
+    }
+    fn store<T: guestmem::AtomicAccess>(
+        &self,
+        v: T,
+        at: MemoryRegionAddress,
+        o: Ordering,
+    ) -> Result<(), GuestMemoryError> {
+        self.0.store(v, at, o)
+    }
+    fn load<T: guestmem::AtomicAccess>(
+        &self,
+        at: MemoryRegionAddress,
+        o: Ordering,
+    ) -> Result<T, GuestMemoryError> {
+        self.0.load(at, o)
+    }
+}
+
+/// A region type that claims another start than the region it holds.
+#[derive(Debug)]
+struct Liar(GuestRegionMmap);
+
+impl GuestMemoryRegion for Liar {
+    type B = ();
+    fn len(&self) -> u64 {
+        self.0.len()
+    }
+    fn start_addr(&self) -> GuestAddress {
+        GuestAddress(self.0.start_addr().0 + 0x1000)
+    }
+    fn protection(&self) -> Protection {
+        self.0.protection()
+    }
+    fn bitmap(&self) -> &() {
+        self.0.bitmap()
+    }
+    fn file_offset(&self) -> Option<&FileOffset> {
+        self.0.file_offset()
+    }
+    fn host_ptr(&self) -> *mut u8 {
+        self.0.host_ptr()
+    }
+    fn get_slice(
+        &self,
+        at: MemoryRegionAddress,
+        n: usize,
+    ) -> Result<VolatileSlice<'_, guestmem::region::BS<'_, ()>>, GuestMemoryError> {
+        self.0.get_slice(at, n)
+    }
+}
+
+impl guestmem::memory::AsGuestRegionMmap for Liar {
+    fn guest_region_mmap(&self) -> &GuestRegionMmap {
+        &self.0
+    }
+}
+
 #[test]
 fn guest_memory_error() {
     let name = |e: &GuestMemoryError| match e {
@@ -197,6 +280,10 @@ fn guest_memory_error() {
         GuestMemoryError::RegionAlias { .. } => "RegionAlias",
         GuestMemoryError::NoRegionAt(_) => "NoRegionAt",
         GuestMemoryError::Mmap { .. } => "Mmap",
+        GuestMemoryError::PartialRegionBuffer { .. } => "PartialRegionBuffer",
+        GuestMemoryError::RegionSizeMismatch { .. } => "RegionSizeMismatch",
+        GuestMemoryError::InvalidRegionLength { .. } => "InvalidRegionLength",
+        GuestMemoryError::InconsistentRegion { .. } => "InconsistentRegion",
     };
     let top = u64::MAX - 0xfff;
     let mem = GuestMemoryMmap::<()>::from_regions(vec![
@@ -221,7 +308,8 @@ fn guest_memory_error() {
         GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x2000), GuestAddress(top)).unwrap_err(),
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x2000), (GuestAddress(0x1000), 0x1000)])
             .unwrap_err(),
-        mem.remove_region(GuestAddress(0x1000)).unwrap_err(),
+        mem.remove_region(GuestAddress(0x1000), 0x1000).unwrap_err(),
+        mem.remove_region(GuestAddress(0), 0x1000).unwrap_err(),
         GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0)]).unwrap_err(),
         GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x1000), GuestAddress(0x1004)).unwrap_err(),
         mem.regions()[0].read_obj::<u32>(MemoryRegionAddress(0x1ffe)).unwrap_err(),
@@ -233,6 +321,20 @@ fn guest_memory_error() {
             let b = MmapRegionBuilder::<()>::new(0x1000).backing(Backing::File { file, shared: true });
             let b = GuestRegionMmap::build(b, GuestAddress(0x10000)).unwrap();
             GuestMemoryMmap::from_regions(vec![a, b]).unwrap_err()
+        },
+        // A region type of a VMM's own that writes only the primitives of `Bytes`: the
+        // provided `write_slice` reports a short write by region offset.
+        Window(&mem.regions()[1]).write_slice(&[1; 8], MemoryRegionAddress(0xffc)).unwrap_err(),
+        GuestRegionMmap::with_len(mem.regions()[0].get_mmap(), GuestAddress(0x10000), 0x1000).unwrap_err(),
+        {
+            let r = GuestRegionMmap::build(MmapRegionBuilder::<()>::new(0x1000), GuestAddress(0)).unwrap();
+            guestmem::memory::GuestRegionCollection::from_regions(vec![Liar(r)]).unwrap_err()
+        },
+        // The same mapping at two guest addresses of one memory.
+        {
+            let again =
+                GuestRegionMmap::with_arc(mem.regions()[1].get_mmap(), GuestAddress(0x20000)).unwrap();
+            mem.insert_region(std::sync::Arc::new(again)).unwrap_err()
         },
     ];
     covers(
@@ -252,6 +354,10 @@ fn guest_memory_error() {
             "RegionAlias",
             "NoRegionAt",
             "Mmap",
+            "PartialRegionBuffer",
+            "RegionSizeMismatch",
+            "InvalidRegionLength",
+            "InconsistentRegion",
         ],
         produced.iter().map(name),
     );
@@ -265,9 +371,12 @@ fn bitmap_error() {
         BitmapError::BufferTooShort { .. } => "BufferTooShort",
         BitmapError::TooManyWords { .. } => "TooManyWords",
         BitmapError::InvalidWindow { .. } => "InvalidWindow",
+        BitmapError::SharedWords { .. } => "SharedWords",
         BitmapError::NotTracking => "NotTracking",
     };
     let bm = AtomicBitmap::new(1 << 20, 4096).unwrap();
+    let mut shared = AtomicBitmap::new(1 << 20, 4096).unwrap();
+    let window = shared.window(0, 1 << 19).unwrap();
     let none: Option<AtomicBitmap> = None;
     let produced = [
         AtomicBitmap::new(4096, 3).unwrap_err(),
@@ -275,11 +384,21 @@ fn bitmap_error() {
         bm.take_dirty_words(&mut [0u64; 1]).unwrap_err(),
         bm.merge_words(&[0u64; 100]).unwrap_err(),
         bm.window(4096, 64 * 4096).unwrap_err(),
+        shared.enlarge(4096).unwrap_err(),
         none.dirty_page_count().unwrap_err(),
     ];
+    drop(window);
     covers(
         "BitmapError",
-        &["InvalidPageSize", "OutOfMemory", "BufferTooShort", "TooManyWords", "InvalidWindow", "NotTracking"],
+        &[
+            "InvalidPageSize",
+            "OutOfMemory",
+            "BufferTooShort",
+            "TooManyWords",
+            "InvalidWindow",
+            "SharedWords",
+            "NotTracking",
+        ],
         produced.iter().map(name),
     );
 }

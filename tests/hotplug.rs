@@ -103,7 +103,7 @@ fn readers_writer_and_hotplug_for_a_bounded_time() {
                 atomic
                     .update(|m| -> Result<Mem, guestmem::GuestMemoryError> {
                         // Take out what sits in the slot, then plug a fresh region in.
-                        let m = match m.remove_region(at) {
+                        let m = match m.remove_region(at, HOT_SIZE as u64) {
                             Ok((smaller, old)) => {
                                 let host = old.host_ptr() as usize;
                                 removed.lock().unwrap().push((Arc::downgrade(&old), host));

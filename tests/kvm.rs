@@ -297,7 +297,7 @@ fn hotplug_and_read_only_slots() {
     expect.insert(GIB / PAGE + 3);
     assert_eq!(harvest(&plugged), expect);
     // Unplug it: its slot goes, and a guest write there no longer reaches memory.
-    let (unplugged, _) = plugged.remove_region(GuestAddress(GIB)).unwrap();
+    let (unplugged, _) = plugged.remove_region(GuestAddress(GIB), 1 << 20).unwrap();
     slots.register(&unplugged).unwrap();
     assert_eq!(slots.slots().count(), 1);
     let r = kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(GIB + 8, 1)], &mut |gpa, c| {

@@ -59,7 +59,7 @@ fn translation_and_lookup() {
     assert!(mem.check_range(GuestAddress(0), 0x2000));
     assert!(!mem.check_range(GuestAddress(0), 0x2001));
     assert!(mem.check_range(GuestAddress(0x3fff), 0));
-    assert!(!mem.check_range(GuestAddress(0x2000), 0));
+    assert!(mem.check_range(GuestAddress(0x2000), 0), "an empty range is backed anywhere");
     assert!(!mem.check_range(GuestAddress(0x10fff), 2));
     let empty = Mem::new();
     assert_eq!((empty.num_regions(), empty.last_addr()), (0, GuestAddress(0)));
@@ -167,6 +167,58 @@ fn cross_region_access_and_holes() {
     assert!(e.to_string().contains("0x1002"));
 }
 
+/// One rule for the ends, at every layer: a non-empty access where nothing fits is an error
+/// (so a loop that writes until an error ends), an empty one touches nothing and succeeds (in
+/// guest memory at any address; in a region up to its end).
+#[test]
+fn ends_and_empty_accesses() {
+    let mem = Mem::from_regions(vec![
+        region(0, 0x1000, Protection::READ_WRITE),
+        region(0x4000, 0x1000, Protection::READ),
+    ])
+    .unwrap();
+    // Guest memory: the end of a region is a hole here.
+    let end = GuestAddress(0x1000);
+    assert!(matches!(mem.write(&[1], end), Err(GuestMemoryError::InvalidGuestAddress(a)) if a == end));
+    assert!(matches!(mem.read(&mut [0], end), Err(GuestMemoryError::InvalidGuestAddress(_))));
+    assert!(mem.read_volatile_from(end, &mut &[1u8][..], 1).is_err());
+    assert!(mem.write_volatile_to(end, &mut Vec::new(), 1).is_err());
+    let mut at = GuestAddress(0);
+    while let Ok(n) = mem.write(&[7; 0x300], at) {
+        at = at.unchecked_add(n as u64);
+    }
+    assert_eq!(at, end);
+    for addr in [GuestAddress(0), end, GuestAddress(0x4000), GuestAddress(0x9_0000), GuestAddress(u64::MAX)] {
+        assert_eq!(mem.write(&[], addr).unwrap(), 0);
+        assert_eq!(mem.read(&mut [], addr).unwrap(), 0);
+        mem.write_slice(&[], addr).unwrap();
+        mem.read_slice(&mut [], addr).unwrap();
+        mem.write_obj((), addr).unwrap();
+        mem.read_obj::<()>(addr).unwrap();
+        assert_eq!(mem.read_volatile_from(addr, &mut &[1u8][..], 0).unwrap(), 0);
+        mem.read_exact_volatile_from(addr, &mut &[1u8][..], 0).unwrap();
+        assert_eq!(mem.write_volatile_to(addr, &mut Vec::new(), 0).unwrap(), 0);
+        mem.write_all_volatile_to(addr, &mut Vec::new(), 0).unwrap();
+        assert!(mem.check_range(addr, 0));
+    }
+    // A region: its end is out of bounds for a non-empty access, fine for an empty one.
+    let r = &mem.regions()[0];
+    let e = r.write(&[1], MemoryRegionAddress(0x1000)).unwrap_err();
+    assert!(matches!(e, GuestMemoryError::InvalidRegionOffset { len: 1, size: 0x1000, .. }), "{e}");
+    assert!(r.read(&mut [0; 4], MemoryRegionAddress(0x1000)).is_err());
+    assert!(r.read_volatile_from(MemoryRegionAddress(0x1000), &mut &[1u8][..], 1).is_err());
+    assert!(r.write_volatile_to(MemoryRegionAddress(0x1000), &mut Vec::new(), 1).is_err());
+    assert_eq!(r.write(&[1; 8], MemoryRegionAddress(0xffc)).unwrap(), 4);
+    assert_eq!(r.write(&[], MemoryRegionAddress(0x1000)).unwrap(), 0);
+    r.write_slice(&[], MemoryRegionAddress(0x1000)).unwrap();
+    r.read_obj::<()>(MemoryRegionAddress(0x1000)).unwrap();
+    assert!(r.write(&[], MemoryRegionAddress(0x1001)).is_err(), "past the end: no empty range there");
+    // Read-only memory takes an empty write.
+    let ro = &mem.regions()[1];
+    assert_eq!(ro.write(&[], MemoryRegionAddress(0)).unwrap(), 0);
+    assert!(ro.write(&[1], MemoryRegionAddress(0)).is_err());
+}
+
 #[test]
 fn read_only_regions_refuse_writes_before_touching_anything() {
     let rw = region(0, 0x1000, Protection::READ_WRITE);
@@ -204,13 +256,26 @@ fn insert_and_remove_regions() {
     bigger.write_obj(3u16, GuestAddress(0x2002)).unwrap();
     let e = bigger.insert_region(Arc::new(region(0x1000, 0x2000, Protection::READ_WRITE))).unwrap_err();
     assert!(matches!(e, GuestMemoryError::RegionOverlap { .. }), "{e}");
-    let (smaller, removed) = bigger.remove_region(GuestAddress(0x2000)).unwrap();
+    // The size must be the region's: nothing is removed otherwise.
+    let e = bigger.remove_region(GuestAddress(0x2000), 0x2000).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            GuestMemoryError::RegionSizeMismatch {
+                base: GuestAddress(0x2000),
+                size: 0x2000,
+                region_len: 0x1000
+            }
+        ),
+        "{e}"
+    );
+    let (smaller, removed) = bigger.remove_region(GuestAddress(0x2000), 0x1000).unwrap();
     assert!(Arc::ptr_eq(&removed, &extra));
     assert_eq!(smaller.num_regions(), 1);
     assert!(smaller.read_obj::<u8>(GuestAddress(0x2000)).is_err());
     // The removed region is still mapped and readable while anyone holds it.
     assert_eq!(bigger.read_obj::<u16>(GuestAddress(0x2002)).unwrap(), 3);
-    let e = bigger.remove_region(GuestAddress(0x2001)).unwrap_err();
+    let e = bigger.remove_region(GuestAddress(0x2001), 0x1000).unwrap_err();
     assert!(matches!(e, GuestMemoryError::NoRegionAt(GuestAddress(0x2001))), "{e}");
     assert_eq!(bigger.regions().len(), 2);
     let clone = bigger.clone();
@@ -499,4 +564,202 @@ proptest! {
 fn address_helpers_work_with_guest_memory() {
     let a = GuestAddress(0x1234);
     assert_eq!(a.align_down(0x1000).unwrap(), GuestAddress(0x1000));
+}
+
+/// vm-memory's address helpers on guest memory and regions: at edges, holes and 2^64.
+#[test]
+fn address_in_range_check_address_checked_offset() {
+    let top = u64::MAX - 0xfff;
+    let mem = Mem::from_regions(vec![
+        region(0x1000, 0x1000, Protection::READ_WRITE),
+        region(top, 0x1000, Protection::READ),
+    ])
+    .unwrap();
+    for (addr, inside) in
+        [(0xfffu64, false), (0x1000, true), (0x1fff, true), (0x2000, false), (top, true), (u64::MAX, true)]
+    {
+        assert_eq!(mem.address_in_range(GuestAddress(addr)), inside, "{addr:#x}");
+        assert_eq!(mem.check_address(GuestAddress(addr)), inside.then_some(GuestAddress(addr)));
+    }
+    assert_eq!(
+        mem.checked_offset(GuestAddress(0), 0x1000),
+        Some(GuestAddress(0x1000)),
+        "base need not be in memory"
+    );
+    assert_eq!(mem.checked_offset(GuestAddress(0x1000), 0x1000), None);
+    assert_eq!(mem.checked_offset(GuestAddress(top), 0xfff), Some(GuestAddress(u64::MAX)));
+    assert_eq!(mem.checked_offset(GuestAddress(top), 0x1000), None, "wraps");
+    let r = &mem.regions()[0];
+    assert!(
+        r.address_in_range(MemoryRegionAddress(0xfff)) && !r.address_in_range(MemoryRegionAddress(0x1000))
+    );
+    assert_eq!(r.checked_offset(MemoryRegionAddress(u64::MAX), 1), None);
+    assert_eq!(r.checked_offset(MemoryRegionAddress(0x10), 0x10), Some(MemoryRegionAddress(0x20)));
+}
+
+#[test]
+fn try_access_walks_regions_and_stops_where_told() {
+    let top = u64::MAX - 0xfff;
+    let mem = Mem::from_regions(vec![
+        region(0, 0x1000, Protection::READ_WRITE),
+        region(0x1000, 0x1000, Protection::READ_WRITE),
+        region(0x4000, 0x1000, Protection::READ_WRITE),
+        region(top, 0x1000, Protection::READ_WRITE),
+    ])
+    .unwrap();
+    let walk = |count, addr, step: usize| {
+        let mut calls = Vec::new();
+        let r = mem.try_access(count, GuestAddress(addr), |done, len, off, reg| {
+            calls.push((done, len, reg.start_addr().0 + off.0));
+            Ok(len.min(step))
+        });
+        (r, calls)
+    };
+    // Across two regions, into a hole: what was handled.
+    let (r, calls) = walk(0x2000, 0x800, usize::MAX);
+    assert_eq!(r.unwrap(), 0x1800);
+    assert_eq!(calls, vec![(0, 0x800, 0x800), (0x800, 0x1000, 0x1000)]);
+    // Partial progress goes on right after it, in the same region.
+    let (r, calls) = walk(0x300, 0xf00, 0x100);
+    assert_eq!(r.unwrap(), 0x300);
+    assert_eq!(calls, vec![(0, 0x100, 0xf00), (0x100, 0x200, 0x1000), (0x200, 0x100, 0x1100)]);
+    // 0 stops.
+    assert_eq!(walk(0x100, 0, 0).0.unwrap(), 0);
+    // A hole at the start; nothing to do at all.
+    assert!(matches!(walk(1, 0x2000, 1).0, Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(0x2000)))));
+    let (r, calls) = walk(0, 0x2000, 1);
+    assert_eq!((r.unwrap(), calls.len()), (0, 0));
+    // Up to 2^64, not past it.
+    assert_eq!(walk(0x1000, top, usize::MAX).0.unwrap(), 0x1000);
+    assert!(matches!(walk(0x1001, top, usize::MAX).0, Err(GuestMemoryError::Overflow { .. })));
+    // A callback that claims more than it was given, or fails.
+    let e = mem.try_access(0x10, GuestAddress(0x4000), |_, len, _, _| Ok(len + 1)).unwrap_err();
+    assert!(matches!(e, GuestMemoryError::InvalidRegionOffset { len: 0x11, .. }), "{e}");
+    let e = mem.try_access(0x10, GuestAddress(0x4000), |_, _, _, _| {
+        Err(GuestMemoryError::NoRegionAt(GuestAddress(7)))
+    });
+    assert!(matches!(e, Err(GuestMemoryError::NoRegionAt(GuestAddress(7)))));
+    // It can write, through the region it is given.
+    let n = mem
+        .try_access(0x20, GuestAddress(0xff0), |done, len, off, reg| {
+            reg.write_slice(&[0xab; 0x20][done..done + len], off)?;
+            Ok(len)
+        })
+        .unwrap();
+    assert_eq!((n, mem.read_obj::<[u8; 0x20]>(GuestAddress(0xff0)).unwrap()), (0x20, [0xab; 0x20]));
+}
+
+#[test]
+fn a_mapping_moves_to_another_guest_address_but_is_never_in_one_memory_twice() {
+    let mem = Mem::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0xe000_0000), 0x4000)]).unwrap();
+    mem.write_obj(0x5a5au16, GuestAddress(0xe000_0010)).unwrap();
+    let mapping = mem.find_region(GuestAddress(0xe000_0000)).unwrap().get_mmap();
+    // Twice in one memory (or overlapping host memory): refused.
+    let twice = GuestRegionMmap::with_arc(mapping.clone(), GuestAddress(0xf000_0000)).unwrap();
+    let e = mem.insert_region(Arc::new(twice)).unwrap_err();
+    assert!(
+        matches!(e, GuestMemoryError::RegionAlias { first_start, second_start }
+            if [first_start, second_start].contains(&GuestAddress(0xe000_0000))
+                && [first_start, second_start].contains(&GuestAddress(0xf000_0000))),
+        "{e}"
+    );
+    // Moved: the old region out, the same memory in at the new address.
+    let (rest, old) = mem.remove_region(GuestAddress(0xe000_0000), 0x4000).unwrap();
+    let moved = GuestRegionMmap::with_arc(old.get_mmap(), GuestAddress(0xf000_0000)).unwrap();
+    assert_eq!(moved.host_ptr(), old.host_ptr());
+    let next = rest.insert_region(Arc::new(moved)).unwrap();
+    assert_eq!(next.read_obj::<u16>(GuestAddress(0xf000_0010)).unwrap(), 0x5a5a);
+    next.write_obj(1u8, GuestAddress(0xf000_0000)).unwrap();
+    assert_eq!(mem.read_obj::<u8>(GuestAddress(0xe000_0000)).unwrap(), 1, "the same memory");
+    assert!(next.read_obj::<u8>(GuestAddress(0xe000_0000)).is_err());
+    assert_eq!(
+        Arc::strong_count(&mapping),
+        3,
+        "ours, the old region's and the moved one's (`twice` is gone)"
+    );
+    // The placement rules hold for a re-placed mapping too.
+    assert!(matches!(
+        GuestRegionMmap::with_arc(mapping, GuestAddress(0xf000_0004)),
+        Err(GuestMemoryError::UnalignedRegion { .. })
+    ));
+}
+
+/// A VMM's own region type (a memslot number and a plug flag beside the guestmem region), in
+/// guestmem's table: translation, cross-region access, harvests.
+#[derive(Debug)]
+struct SlotRegion {
+    inner: GuestRegionMmap<guestmem::AtomicBitmap>,
+    slot: u32,
+    /// A bitmap of its own, to check that the collection refuses a wrapper that hands it out.
+    decoy: Option<guestmem::AtomicBitmap>,
+}
+
+impl GuestMemoryRegion for SlotRegion {
+    type B = guestmem::AtomicBitmap;
+    fn len(&self) -> u64 {
+        self.inner.len()
+    }
+    fn start_addr(&self) -> GuestAddress {
+        self.inner.start_addr()
+    }
+    fn protection(&self) -> Protection {
+        self.inner.protection()
+    }
+    fn bitmap(&self) -> &guestmem::AtomicBitmap {
+        self.decoy.as_ref().unwrap_or(self.inner.bitmap())
+    }
+    fn file_offset(&self) -> Option<&guestmem::mmap::FileOffset> {
+        self.inner.file_offset()
+    }
+    fn host_ptr(&self) -> *mut u8 {
+        self.inner.host_ptr()
+    }
+    fn get_slice(
+        &self,
+        at: MemoryRegionAddress,
+        n: usize,
+    ) -> Result<guestmem::VolatileSlice<'_, guestmem::region::BS<'_, guestmem::AtomicBitmap>>, GuestMemoryError>
+    {
+        self.inner.get_slice(at, n)
+    }
+}
+
+impl guestmem::AsGuestRegionMmap for SlotRegion {
+    fn guest_region_mmap(&self) -> &GuestRegionMmap<guestmem::AtomicBitmap> {
+        &self.inner
+    }
+}
+
+#[test]
+fn a_vmm_region_type_in_the_fast_table() {
+    use guestmem::GuestRegionCollection;
+    let slot = |slot, base, size: usize| SlotRegion {
+        inner: GuestRegionMmap::build(MmapRegionBuilder::new(size), GuestAddress(base)).unwrap(),
+        slot,
+        decoy: None,
+    };
+    let mem = GuestRegionCollection::from_regions(vec![slot(1, 0x10_0000, 0x10000), slot(0, 0, 0x10_0000)])
+        .unwrap();
+    assert_eq!(mem.regions().iter().map(|r| r.slot).collect::<Vec<_>>(), vec![0, 1], "sorted");
+    // The table's fast path and the walk across regions.
+    mem.write_obj(0x0102_0304_0506_0708u64, GuestAddress(0xffffc)).unwrap();
+    assert_eq!(mem.read_obj::<u64>(GuestAddress(0xffffc)).unwrap(), 0x0102_0304_0506_0708);
+    let (r, off) = mem.to_region_addr(GuestAddress(0x10_0010)).unwrap();
+    assert_eq!((r.slot, off), (1, MemoryRegionAddress(0x10)));
+    assert_eq!(mem.get_host_address(GuestAddress(0x10_0010)).unwrap(), r.host_ptr().wrapping_add(0x10));
+    // Harvests see what the fast path marked, in the VMM's own regions.
+    let mut dirty = Vec::new();
+    assert_eq!(mem.take_dirty_ranges(|a, l| dirty.push((a.0, l))).unwrap(), 2);
+    assert_eq!(dirty, vec![(0xff000, 0x2000)]);
+    let (mem, gone) = mem.remove_region(GuestAddress(0x10_0000), 0x10000).unwrap();
+    assert_eq!((gone.slot, mem.num_regions()), (1, 1));
+    // A wrapper whose bitmap is not its region's would split marks from harvests: refused.
+    let mut liar = slot(2, 0x20_0000, 0x1000);
+    liar.decoy = Some(guestmem::AtomicBitmap::new(0x1000, 4096).unwrap());
+    let e = mem.insert_region(Arc::new(liar)).unwrap_err();
+    assert!(matches!(e, GuestMemoryError::InconsistentRegion { base: GuestAddress(0x20_0000) }), "{e}");
+    // guestmem's own memory is the collection of its own regions.
+    let plain: GuestRegionCollection<GuestRegionMmap> =
+        Mem::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+    assert_eq!(plain.num_regions(), 1);
 }

@@ -149,7 +149,7 @@ fn hotplug_readers_writers_and_harvester_together() {
         let at = GuestAddress(HOT_BASE + slot * (HOT_SIZE as u64) * 2);
         atomic
             .update(|m| {
-                let m = match m.remove_region(at) {
+                let m = match m.remove_region(at, HOT_SIZE as u64) {
                     Ok((smaller, _)) => smaller,
                     Err(_) => m.clone(),
                 };

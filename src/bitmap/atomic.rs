@@ -17,8 +17,11 @@ const WORD_BITS: usize = u64::BITS as usize;
 /// `KVM_GET_DIRTY_LOG`, so a KVM log merges in word by word ([`merge_words`](Self::merge_words))
 /// and a harvest comes out in the same format ([`take_dirty_words`](Self::take_dirty_words)).
 ///
-/// The bitmap covers the region's bytes, [`len`](Self::len), rounded up to whole pages. Marks
-/// past the end are clipped, never a panic. An empty bitmap (`byte_len` 0) is allowed, for an
+/// The bitmap covers the region's bytes, [`byte_len`](Self::byte_len), rounded up to whole
+/// pages ([`num_pages`](Self::num_pages)). There is no `len`: vm-memory's `AtomicBitmap::len`
+/// counts pages, guestmem's used to count bytes, and a call that compiles with either meaning
+/// would be a silent trap for code ported from one to the other. Marks past the end are
+/// clipped, never a panic. An empty bitmap (`byte_len` 0) is allowed, for an
 /// empty region: it covers no page, so it has nothing to drop.
 ///
 /// Marking a byte range costs one atomic read-modify-write per 64-page word it touches (one for
@@ -69,7 +72,7 @@ impl AtomicBitmap {
     /// use guestmem::bitmap::{AtomicBitmap, BitmapError};
     ///
     /// let bitmap = AtomicBitmap::new(10_000, 4096).unwrap();
-    /// assert_eq!((bitmap.len(), bitmap.num_pages(), bitmap.num_words()), (10_000, 3, 1));
+    /// assert_eq!((bitmap.byte_len(), bitmap.num_pages(), bitmap.num_words()), (10_000, 3, 1));
     /// assert!(matches!(AtomicBitmap::new(4096, 3000), Err(BitmapError::InvalidPageSize { .. })));
     /// ```
     pub fn new(byte_len: usize, page_size: usize) -> Result<Self, BitmapError> {
@@ -99,13 +102,14 @@ impl AtomicBitmap {
         1 << self.page_shift
     }
 
-    /// The bytes covered: the length of the region the bitmap was made for.
+    /// The bytes covered: the length of the region the bitmap was made for (vm-memory calls
+    /// this `byte_size`; its `len` counts pages, which is [`num_pages`](Self::num_pages) here).
     ///
     /// ```
-    /// assert_eq!(guestmem::bitmap::AtomicBitmap::new(5000, 4096).unwrap().len(), 5000);
+    /// assert_eq!(guestmem::bitmap::AtomicBitmap::new(5000, 4096).unwrap().byte_len(), 5000);
     /// ```
     #[inline]
-    pub fn len(&self) -> usize {
+    pub fn byte_len(&self) -> usize {
         self.byte_len
     }
 
@@ -119,7 +123,8 @@ impl AtomicBitmap {
         self.byte_len == 0
     }
 
-    /// The number of pages covered: [`len`](Self::len) rounded up to whole pages.
+    /// The number of pages covered: [`byte_len`](Self::byte_len) rounded up to whole pages
+    /// (vm-memory's `AtomicBitmap::len`).
     ///
     /// ```
     /// assert_eq!(guestmem::bitmap::AtomicBitmap::new(4097, 4096).unwrap().num_pages(), 2);
@@ -255,6 +260,176 @@ impl AtomicBitmap {
                 w.store(0, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Clears the bits of `count` pages from `first_page` (pages past the end are ignored),
+    /// discarding what was dirty there; other pages keep their bits. Like [`reset`](Self::reset),
+    /// not a harvest: a mark racing with it on those pages may survive or be lost.
+    ///
+    /// ```
+    /// let bitmap = guestmem::bitmap::AtomicBitmap::new(256 * 4096, 4096).unwrap();
+    /// bitmap.mark_pages(0, 256);
+    /// bitmap.reset_pages(10, 100);
+    /// assert_eq!(bitmap.dirty_page_count(), 156);
+    /// assert!(bitmap.is_page_dirty(9) && !bitmap.is_page_dirty(10) && bitmap.is_page_dirty(110));
+    /// ```
+    pub fn reset_pages(&self, first_page: usize, count: usize) {
+        if count == 0 || first_page >= self.num_pages {
+            return;
+        }
+        let last = first_page.saturating_add(count - 1).min(self.num_pages - 1);
+        self.clear_pages(first_page, last);
+    }
+
+    /// Clears the bits of the pages that `[offset, offset + len)` covers *wholly* (a byte
+    /// range of the region; the part past the end is ignored), discarding what was dirty there.
+    ///
+    /// A page the range covers only in part keeps its bit: its other bytes may hold writes that
+    /// nobody took, and clearing it would lose them. vm-memory's `reset_addr_range` clears every
+    /// page the range touches; guestmem's never clears a bit for a byte outside the range (a
+    /// deliberate difference: resetting less can only make a harvest report more). The
+    /// bitmap's last page counts as covered when the range reaches the bitmap's end, even if
+    /// the region ends inside it.
+    ///
+    /// ```
+    /// let bitmap = guestmem::bitmap::AtomicBitmap::new(10_000, 4096).unwrap(); // 3 pages
+    /// bitmap.mark_pages(0, 3);
+    /// bitmap.reset_addr_range(0x800, 0x1000); // half of page 0, half of page 1: neither
+    /// assert_eq!(bitmap.dirty_page_count(), 3);
+    /// bitmap.reset_addr_range(0x800, 0x2000); // page 1 whole
+    /// assert!(bitmap.is_page_dirty(0) && !bitmap.is_page_dirty(1));
+    /// bitmap.reset_addr_range(0x2000, usize::MAX); // page 2, to the end
+    /// assert_eq!(bitmap.dirty_page_count(), 1);
+    /// ```
+    pub fn reset_addr_range(&self, offset: usize, len: usize) {
+        let end = offset.saturating_add(len).min(self.byte_len);
+        if offset >= end {
+            return;
+        }
+        let page = self.page_size();
+        let first = offset.div_ceil(page);
+        // Pages wholly below `end`; the last page also when the range reaches the end.
+        let end_page = if end == self.byte_len { self.num_pages } else { end / page };
+        if first < end_page {
+            self.clear_pages(first, end_page - 1);
+        }
+    }
+
+    /// Clears the bits of pages `first..=last`, which the caller clipped to the bitmap.
+    fn clear_pages(&self, first: usize, last: usize) {
+        let (first_word, last_word) = (first / WORD_BITS, last / WORD_BITS);
+        let head = u64::MAX << (first % WORD_BITS);
+        let tail = u64::MAX >> (WORD_BITS - 1 - last % WORD_BITS);
+        let words = self.words();
+        let clear = |index: usize, bits: u64| {
+            if let Some(w) = words.get(index) {
+                if w.load(Ordering::Relaxed) & bits != 0 {
+                    w.fetch_and(!bits, Ordering::Relaxed);
+                }
+            }
+        };
+        if first_word == last_word {
+            clear(first_word, head & tail);
+        } else {
+            clear(first_word, head);
+            for w in words.get(first_word + 1..last_word).unwrap_or_default() {
+                if w.load(Ordering::Relaxed) != 0 {
+                    w.store(0, Ordering::Relaxed);
+                }
+            }
+            clear(last_word, tail);
+        }
+    }
+
+    /// Grows the bitmap to cover `additional` more bytes of its region (a region that grew);
+    /// the new pages are clean, the old bits stay.
+    ///
+    /// The words move to a new allocation, so no other bitmap may share them: a bitmap with
+    /// live windows ([`window`](Self::window)), or a window whose bitmap (or sibling window)
+    /// still lives, is refused with [`BitmapError::SharedWords`] and left as it was; a window
+    /// whose bitmap and siblings are gone grows on its own. An allocation failure (or a size
+    /// past `usize::MAX`) is [`BitmapError::OutOfMemory`], leaving the bitmap unchanged.
+    ///
+    /// ```
+    /// use guestmem::bitmap::{AtomicBitmap, BitmapError};
+    /// let mut bitmap = AtomicBitmap::new(64 * 4096, 4096).unwrap();
+    /// bitmap.mark_pages(63, 1);
+    /// bitmap.enlarge(4096 + 1).unwrap();
+    /// assert_eq!((bitmap.byte_len(), bitmap.num_pages(), bitmap.num_words()), (65 * 4096 + 1, 66, 2));
+    /// assert!(bitmap.is_page_dirty(63) && !bitmap.is_page_dirty(64));
+    /// let window = bitmap.window(0, 64 * 4096).unwrap();
+    /// assert!(matches!(bitmap.enlarge(4096), Err(BitmapError::SharedWords { sharers: 1 })));
+    /// drop(window);
+    /// bitmap.enlarge(4096).unwrap();
+    /// ```
+    pub fn enlarge(&mut self, additional: usize) -> Result<(), BitmapError> {
+        let page_size = self.page_size();
+        let Some(byte_len) = self.byte_len.checked_add(additional) else {
+            return Err(BitmapError::OutOfMemory {
+                byte_len: usize::MAX,
+                page_size,
+                words_bytes: usize::MAX,
+            });
+        };
+        let sharers = Arc::strong_count(&self.storage) + Arc::weak_count(&self.storage) - 1;
+        if sharers != 0 {
+            return Err(BitmapError::SharedWords { sharers });
+        }
+        let (num_pages, num_words, _) = geometry(byte_len, page_size)?;
+        if num_words != self.num_words {
+            let storage = Words::zeroed(num_words).ok_or(BitmapError::OutOfMemory {
+                byte_len,
+                page_size,
+                words_bytes: num_words.saturating_mul(8),
+            })?;
+            // SAFETY: `storage` holds `num_words >= self.num_words` zeroed words of its own.
+            let new = unsafe { std::slice::from_raw_parts(storage.ptr.as_ptr(), num_words) };
+            for (to, from) in new.iter().zip(self.words()) {
+                to.store(from.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            self.first = storage.ptr;
+            self.storage = Arc::new(storage);
+            self.num_words = num_words;
+        }
+        self.byte_len = byte_len;
+        self.num_pages = num_pages;
+        Ok(())
+    }
+
+    /// A deep copy: a bitmap of the same geometry with its own words, holding the bits set
+    /// now (vm-memory's `Clone` of its `AtomicBitmap`), or [`BitmapError::OutOfMemory`]. Marks
+    /// made later through either are not seen by the other; a window's copy covers only the
+    /// window and shares nothing. For a bitmap that shares the bits, use
+    /// [`window`](Self::window).
+    ///
+    /// ```
+    /// let bitmap = guestmem::bitmap::AtomicBitmap::new(8 * 4096, 4096).unwrap();
+    /// bitmap.mark_pages(2, 1);
+    /// let copy = bitmap.try_clone().unwrap();
+    /// copy.mark_pages(5, 1);
+    /// assert_eq!((bitmap.dirty_page_count(), copy.dirty_page_count()), (1, 2));
+    /// ```
+    pub fn try_clone(&self) -> Result<AtomicBitmap, BitmapError> {
+        let page_size = self.page_size();
+        let storage = Words::zeroed(self.num_words).ok_or(BitmapError::OutOfMemory {
+            byte_len: self.byte_len,
+            page_size,
+            words_bytes: self.num_words.saturating_mul(8),
+        })?;
+        // SAFETY: `storage` holds `num_words` zeroed words of its own.
+        let new = unsafe { std::slice::from_raw_parts(storage.ptr.as_ptr(), self.num_words) };
+        for (to, from) in new.iter().zip(self.words()) {
+            // Acquire: the copy's bits are ordered after the writes that set them, as a harvest.
+            to.store(from.load(Ordering::Acquire), Ordering::Relaxed);
+        }
+        Ok(AtomicBitmap {
+            first: storage.ptr,
+            num_words: self.num_words,
+            storage: Arc::new(storage),
+            byte_len: self.byte_len,
+            num_pages: self.num_pages,
+            page_shift: self.page_shift,
+        })
     }
 
     /// Takes the dirty bits into `out` in KVM's format and clears them; returns the number of
@@ -584,6 +759,19 @@ fn geometry(byte_len: usize, page_size: usize) -> Result<(usize, usize, u32), Bi
 unsafe impl Send for AtomicBitmap {}
 // SAFETY: as above; every access to the words is atomic.
 unsafe impl Sync for AtomicBitmap {}
+
+/// A deep copy ([`AtomicBitmap::try_clone`]); like any `Vec`, it aborts if memory runs out.
+impl Clone for AtomicBitmap {
+    fn clone(&self) -> Self {
+        match self.try_clone() {
+            Ok(bitmap) => bitmap,
+            Err(_) => std::alloc::handle_alloc_error(
+                std::alloc::Layout::array::<AtomicU64>(self.num_words)
+                    .unwrap_or(std::alloc::Layout::new::<u64>()),
+            ),
+        }
+    }
+}
 
 impl fmt::Debug for AtomicBitmap {
     /// The geometry, not the bits (a 16 GiB guest has 65536 words).

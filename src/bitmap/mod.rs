@@ -210,6 +210,13 @@ pub enum BitmapError {
         /// The length of the bitmap it was asked of.
         byte_len: usize,
     },
+    /// [`AtomicBitmap::enlarge`] of a bitmap whose words other bitmaps share (its windows, or
+    /// the bitmap it is a window of): moving the words would leave them marking the old ones.
+    #[error("the bitmap shares its words with {sharers} other bitmaps (windows): it cannot be enlarged")]
+    SharedWords {
+        /// How many other bitmaps share the words.
+        sharers: usize,
+    },
     /// A harvest (or merge) on memory whose dirty tracking is off (`None`).
     #[error("dirty tracking is off for this memory: there is no dirty log to harvest or merge into")]
     NotTracking,

@@ -69,7 +69,7 @@ fn every_error_variant_and_its_message() {
 #[test]
 fn geometry() {
     let b = AtomicBitmap::new(10_000, 4096).unwrap();
-    assert_eq!((b.len(), b.page_size(), b.num_pages(), b.num_words()), (10_000, 4096, 3, 1));
+    assert_eq!((b.byte_len(), b.page_size(), b.num_pages(), b.num_words()), (10_000, 4096, 3, 1));
     assert!(!b.is_empty());
     let b = AtomicBitmap::new(64 * 4096, 4096).unwrap();
     assert_eq!((b.num_pages(), b.num_words()), (64, 1));
@@ -95,7 +95,7 @@ fn geometry() {
 fn empty_bitmap_covers_nothing() {
     let b = AtomicBitmap::new(0, 4096).unwrap();
     assert!(b.is_empty());
-    assert_eq!((b.len(), b.num_pages(), b.num_words()), (0, 0, 0));
+    assert_eq!((b.byte_len(), b.num_pages(), b.num_words()), (0, 0, 0));
     b.mark_dirty(0, 4096);
     b.mark_pages(0, 1);
     b.slice_at(0).mark_dirty(0, 1);
@@ -361,6 +361,112 @@ fn volatile_writes_mark_the_bitmap() {
     sub.write_slice(&[1; 10], PAGE + 1).unwrap();
     sub.read_obj::<u64>(3 * PAGE).unwrap(); // reads mark nothing
     assert_eq!(runs(&b), [(2, 2), (11, 1)]);
+}
+
+#[test]
+fn reset_pages_and_ranges() {
+    for pages in [1usize, 63, 64, 65, 200] {
+        let b = bitmap(pages);
+        for (first, count) in [(0, 1), (3, 70), (63, 2), (pages - 1, 5), (pages, 1), (0, usize::MAX)] {
+            b.mark_pages(0, pages);
+            b.reset_pages(first, count);
+            let want: Vec<usize> = (0..pages).filter(|&p| p < first || p - first >= count).collect();
+            assert_eq!(dirty_pages(&b), want, "{pages} pages, reset {first}+{count}");
+        }
+        b.mark_pages(0, pages);
+        b.reset_pages(1, 0);
+        assert_eq!(b.dirty_page_count(), pages);
+    }
+    // Byte ranges clear only the pages they cover wholly.
+    let b = AtomicBitmap::new(130 * PAGE + 100, PAGE).unwrap(); // 131 pages, the last partial
+    let whole = |offset: usize, len: usize| -> Vec<usize> {
+        let end = (offset + len).min(b.byte_len());
+        (0..b.num_pages())
+            .filter(|&p| !(p * PAGE >= offset && ((p + 1) * PAGE <= end || end == b.byte_len())))
+            .collect()
+    };
+    for (offset, len) in [
+        (0, PAGE),
+        (1, PAGE),
+        (PAGE - 1, 2 * PAGE + 1),
+        (64 * PAGE, 64 * PAGE),
+        (10 * PAGE, 120 * PAGE + 100),
+        (130 * PAGE, 1),
+        (130 * PAGE, 100),
+        (0, usize::MAX),
+        (usize::MAX, 5),
+        (7, 0),
+    ] {
+        b.mark_pages(0, b.num_pages());
+        b.reset_addr_range(offset, len);
+        let want: Vec<usize> = if len == 0 || offset >= b.byte_len() {
+            (0..b.num_pages()).collect()
+        } else {
+            whole(offset, len)
+        };
+        assert_eq!(dirty_pages(&b), want, "reset {offset:#x}+{len:#x}");
+    }
+}
+
+#[test]
+fn enlarge_keeps_bits_and_refuses_shared_words() {
+    let mut b = bitmap(10);
+    b.mark_pages(9, 1);
+    b.enlarge(0).unwrap();
+    assert_eq!((b.byte_len(), b.num_pages()), (10 * PAGE, 10));
+    b.enlarge(PAGE / 2).unwrap(); // a partial page: 11 pages, one word still
+    assert_eq!((b.num_pages(), b.num_words()), (11, 1));
+    b.mark_pages(10, 5); // clipped to page 10
+    b.enlarge(200 * PAGE).unwrap();
+    assert_eq!((b.num_pages(), b.num_words()), (211, 4));
+    assert_eq!(dirty_pages(&b), vec![9, 10]);
+    b.mark_pages(210, 1);
+    assert_eq!(runs(&b), vec![(9, 2), (210, 1)]);
+    // Sharing words: refused, unchanged.
+    let w = b.window(64 * PAGE, 64 * PAGE).unwrap();
+    let e = b.enlarge(PAGE).unwrap_err();
+    assert_eq!(e, BitmapError::SharedWords { sharers: 1 });
+    assert_eq!(
+        e.to_string(),
+        "the bitmap shares its words with 1 other bitmaps (windows): it cannot be enlarged"
+    );
+    let mut w2 = b.window(128 * PAGE, 64 * PAGE).unwrap();
+    assert_eq!(w2.enlarge(PAGE), Err(BitmapError::SharedWords { sharers: 2 }));
+    assert_eq!(b.num_pages(), 211);
+    drop((w, b));
+    // A window on its own grows away from the words it no longer shares.
+    w2.mark_pages(0, 1);
+    w2.enlarge(PAGE).unwrap();
+    assert_eq!((w2.num_pages(), dirty_pages(&w2)), (65, vec![0]));
+    // A size past usize::MAX.
+    let e = w2.enlarge(usize::MAX).unwrap_err();
+    assert!(matches!(e, BitmapError::OutOfMemory { .. }));
+    assert_eq!(w2.num_pages(), 65);
+    let mut empty = AtomicBitmap::new(0, PAGE).unwrap();
+    empty.enlarge(1).unwrap();
+    empty.mark_dirty(0, 1);
+    assert_eq!(empty.dirty_page_count(), 1);
+}
+
+#[test]
+fn clone_is_a_deep_copy() {
+    let b = bitmap(130);
+    b.mark_pages(3, 70);
+    let c = b.clone();
+    assert_eq!((c.byte_len(), c.num_pages(), c.page_size()), (b.byte_len(), 130, PAGE));
+    assert_eq!(dirty_pages(&c), dirty_pages(&b));
+    c.mark_pages(120, 1);
+    b.reset();
+    assert_eq!(dirty_pages(&b), Vec::<usize>::new());
+    assert_eq!(c.dirty_page_count(), 71);
+    // A window's copy is the window's bits alone, sharing nothing.
+    b.mark_pages(64, 2);
+    let w = b.window(64 * PAGE, 64 * PAGE).unwrap();
+    let mut wc = w.try_clone().unwrap();
+    assert_eq!(dirty_pages(&wc), vec![0, 1]);
+    assert_eq!(runs(&b), vec![(64, 2)]);
+    assert_eq!(wc.dirty_page_count(), 2);
+    wc.enlarge(PAGE).unwrap(); // its words are its own
 }
 
 /// Windows share the words of their bitmap (and of each other): marks, harvests, merges and

@@ -9,7 +9,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::bitmap::BridgeBitmap;
 use super::PermissionView;
-use crate::{GuestMemoryAtomic, GuestMemoryMmap};
+use crate::{GuestMemoryAtomic, GuestMemoryGuard, GuestMemoryMmap};
 
 /// A handle on guestmem's [`GuestMemoryAtomic`] that is vm-memory's
 /// [`GuestAddressSpace`](vm_memory::GuestAddressSpace): `memory()` is a [`ViewGuard`], a
@@ -17,9 +17,10 @@ use crate::{GuestMemoryAtomic, GuestMemoryMmap};
 ///
 /// A snapshot keeps every region it holds mapped, as guestmem's own do, so a hot-unplug under a
 /// device that still holds one cannot leave it pointing at unmapped memory. Its cost is
-/// guestmem's [`snapshot`](GuestMemoryAtomic::snapshot) (an `Arc` clone): vm-memory's trait
-/// wants a `Clone` guard, which guestmem's cheaper [`memory()`](GuestMemoryAtomic::memory)
-/// guard is not.
+/// guestmem's [`memory()`](GuestMemoryAtomic::memory) (arc-swap's lock-free load); cloning it,
+/// as vm-memory's trait allows, costs one `Arc` increment ([`GuestMemoryGuard`]'s `Clone`).
+/// guestmem's own [`GuestAddressSpace`](crate::GuestAddressSpace) is implemented by
+/// [`GuestMemoryAtomic`] itself.
 ///
 /// guestmem's [`MemoryCache`](crate::MemoryCache) does not fit the trait
 /// (`GuestAddressSpace::memory` takes `&self`, the cache's `memory` needs `&mut self` to
@@ -73,14 +74,14 @@ impl<B: BridgeBitmap> GuestAddressSpace for AtomicView<B> {
 
     #[inline]
     fn memory(&self) -> ViewGuard<B> {
-        ViewGuard(self.0.snapshot())
+        ViewGuard(self.0.memory())
     }
 }
 
 /// A snapshot of an [`AtomicView`]'s memory: dereferences to its [`PermissionView`]; cloning
 /// shares the snapshot.
 #[derive(Debug)]
-pub struct ViewGuard<B = ()>(Arc<GuestMemoryMmap<B>>);
+pub struct ViewGuard<B = ()>(GuestMemoryGuard<GuestMemoryMmap<B>>);
 
 impl<B> Clone for ViewGuard<B> {
     fn clone(&self) -> Self {
@@ -91,7 +92,7 @@ impl<B> Clone for ViewGuard<B> {
 impl<B> ViewGuard<B> {
     /// The snapshot as guestmem memory.
     pub fn into_inner(self) -> Arc<GuestMemoryMmap<B>> {
-        self.0
+        self.0.into_arc()
     }
 }
 

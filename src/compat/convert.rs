@@ -1,4 +1,4 @@
-//! Conversions between guestmem's and vm-memory's addresses, file offsets and errors.
+//! Conversions between guestmem's and vm-memory's addresses, endian values, file offsets and errors.
 //!
 //! Addresses and file offsets convert losslessly both ways. Errors convert from guestmem to
 //! vm-memory by meaning (a hole is `InvalidGuestAddress`, a range past a region's end is
@@ -51,6 +51,28 @@ impl From<vm_memory::MemoryRegionAddress> for MemoryRegionAddress {
         MemoryRegionAddress(a.0)
     }
 }
+
+macro_rules! endian_conversions {
+    ($($t:ident),*) => {$(
+        /// The same value (both types have the native layout).
+        impl From<crate::$t> for vm_memory::$t {
+            #[inline(always)]
+            fn from(v: crate::$t) -> Self {
+                v.get().into()
+            }
+        }
+
+        /// The same value.
+        impl From<vm_memory::$t> for crate::$t {
+            #[inline(always)]
+            fn from(v: vm_memory::$t) -> Self {
+                v.to_native().into()
+            }
+        }
+    )*};
+}
+
+endian_conversions!(Le16, Le32, Le64, LeSize, Be16, Be32, Be64, BeSize);
 
 /// The same file and offset (the file handle is shared, not duplicated).
 impl From<vm_memory::FileOffset> for FileOffset {
@@ -128,6 +150,16 @@ mod tests {
         assert_eq!(back.start(), 0x2000);
         use std::os::fd::AsRawFd;
         assert_eq!(back.as_raw_fd(), file.as_raw_fd(), "the same open file, not a duplicate");
+    }
+
+    #[test]
+    fn endian_types_convert_by_value() {
+        let v: vm_memory::Be32 = crate::Be32::new(0x0102_0304).into();
+        assert_eq!(v.to_native(), 0x0102_0304);
+        assert_eq!(crate::Be32::from(v).get(), 0x0102_0304);
+        let l: crate::LeSize = vm_memory::LeSize::from(7usize).into();
+        assert_eq!(l.get(), 7);
+        assert_eq!(std::mem::align_of::<crate::Le64>(), std::mem::align_of::<vm_memory::Le64>());
     }
 
     #[test]

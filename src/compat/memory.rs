@@ -155,12 +155,12 @@ impl<B: Bitmap> GuestMemoryMmap<B> {
         size: vm_memory::GuestUsize,
     ) -> Result<(Self, Arc<GuestRegionMmap<B>>), Error> {
         let base: GuestAddress = base.into();
-        let no_region = || Error::NoRegion { base, size };
-        let region = self.0.regions().iter().find(|r| r.start_addr() == base).ok_or_else(no_region)?;
-        if region.len() != size {
-            return Err(no_region());
-        }
-        let (mem, removed) = self.0.remove_region(base)?;
+        let (mem, removed) = self.0.remove_region(base, size).map_err(|e| match e {
+            GuestMemoryError::NoRegionAt(_) | GuestMemoryError::RegionSizeMismatch { .. } => {
+                Error::NoRegion { base, size }
+            }
+            e => e.into(),
+        })?;
         // SAFETY: every region of `self` is writable (this type's invariant).
         Ok((GuestMemoryMmap(mem), unsafe { arc_view(removed) }))
     }
@@ -188,17 +188,21 @@ impl<B: NewBitmap> GuestMemoryMmap<B> {
     /// Memory of private anonymous regions at the given `(start, size)` ranges, as vm-memory's
     /// `from_ranges`.
     ///
-    /// Unlike vm-memory, starts and sizes must be multiples of the host page size
+    /// Any size, as vm-memory (a region of `0x10_0004` bytes ends exactly there, over whole
+    /// pages); unlike vm-memory, starts must be multiples of the host page size
     /// ([`Error::NotPageMultiple`], before anything is mapped): see the
-    /// [module documentation](super#regions-are-page-multiples) for why.
+    /// [module documentation](super#regions-of-any-length).
     ///
     /// ```
     /// use guestmem::compat::{Error, GuestMemoryMmap};
-    /// use vm_memory::GuestAddress;
-    /// assert!(GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0000)]).is_ok());
+    /// use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0004)]).unwrap();
+    /// assert_eq!(mem.last_addr(), GuestAddress(0x10_0003));
+    /// mem.write_obj(1u32, GuestAddress(0x10_0000)).unwrap();
+    /// assert!(mem.write_obj(1u32, GuestAddress(0x10_0001)).is_err());
     /// assert!(matches!(
-    ///     GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10_0004)]),
-    ///     Err(Error::NotPageMultiple { size: 0x10_0004, .. })
+    ///     GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x800), 0x1000)]),
+    ///     Err(Error::NotPageMultiple { .. })
     /// ));
     /// ```
     pub fn from_ranges(ranges: &[(vm_memory::GuestAddress, usize)]) -> Result<Self, Error> {

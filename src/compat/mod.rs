@@ -38,16 +38,17 @@
 //! `PermissionDenied` carrying [`Error::ReadOnlyAccess`]; the backend view cannot hold a
 //! read-only region at all ([`Error::ReadOnlyRegion`]).
 //!
-//! # Regions are page multiples
+//! # Regions of any length
 //!
-//! vm-memory accepts regions of any size and at any address (virtio-vsock's tests use one of
-//! `0x10_0004` bytes); the bridge's constructors refuse a start or size that is not a
-//! multiple of the host page size ([`Error::NotPageMultiple`]), before mapping anything. Such
-//! a region cannot be a KVM memslot, a page of a dirty bitmap, or an `mmap` length: vm-memory
-//! accepts it only because it never hands it to KVM, and it maps the rounded-up page anyway.
-//! Presenting a shorter region over a rounded-up mapping would need a region length that
-//! guestmem's translation table does not keep; rounding the region up silently would change
-//! the answers at its end (an access vm-memory refuses would succeed).
+//! vm-memory accepts regions of any size (virtio-vsock's tests use one of `0x10_0004` bytes),
+//! and so does the bridge: such a region is guestmem's region of exactly that length over a
+//! mapping rounded up to whole pages ([`GuestRegionMmap::with_len`](crate::GuestRegionMmap::with_len)),
+//! so every access stops where vm-memory's would. Its last page is partial for guestmem's dirty
+//! bitmap, snapshots and migration too; it cannot be a KVM memslot (KVM takes whole pages: its
+//! registration fails, and vm-memory never registers memory with KVM anyway). A region must
+//! still *start* on a page ([`Error::NotPageMultiple`]; vm-memory accepts any start): guest
+//! and host addresses then agree on alignment, so an aligned guest access is an aligned,
+//! untorn host access. A file given for such a region must cover its rounded-up mapping.
 //!
 //! # What stays vm-memory's
 //!
@@ -100,9 +101,12 @@ use crate::{GuestAddress, GuestUsize};
 /// Errors of the bridge. Each names the guest address it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A region whose guest start or size is not a multiple of the host page size, which
-    /// vm-memory accepts and the bridge refuses (see the [module documentation](self#regions-are-page-multiples)).
-    #[error("region of {size:#x} bytes at {base}: start and size must be multiples of the page size {page_size:#x}")]
+    /// A region whose guest start is not a multiple of the host page size, which vm-memory
+    /// accepts and the bridge refuses (see the [module documentation](self#regions-of-any-length)).
+    /// Any size is accepted.
+    #[error(
+        "region of {size:#x} bytes at {base}: the start must be a multiple of the page size {page_size:#x}"
+    )]
     NotPageMultiple {
         /// Where the region was to start.
         base: GuestAddress,
@@ -159,10 +163,10 @@ pub enum Error {
     VmVolatile(#[from] vm_memory::VolatileMemoryError),
 }
 
-/// Fails with [`Error::NotPageMultiple`] unless `base` and `size` are page multiples.
+/// Fails with [`Error::NotPageMultiple`] unless `base` is a page multiple.
 fn check_placement(base: GuestAddress, size: usize) -> Result<(), Error> {
     let page_size = crate::host::page_size();
-    if !base.0.is_multiple_of(page_size as u64) || !size.is_multiple_of(page_size) {
+    if !base.0.is_multiple_of(page_size as u64) {
         return Err(Error::NotPageMultiple { base, size, page_size });
     }
     Ok(())

@@ -86,8 +86,9 @@ impl<B: NewBitmap> GuestRegionMmap<B> {
     /// A private anonymous region (or a shared mapping of `file`) of `size` bytes at
     /// `addr`, like vm-memory's `GuestRegionMmap::from_range`.
     ///
-    /// Unlike vm-memory, `addr` and `size` must be multiples of the host page size
-    /// ([`Error::NotPageMultiple`]): see the module documentation for why.
+    /// Any `size`, as vm-memory (the region ends exactly there, over whole pages); unlike
+    /// vm-memory, `addr` must be a multiple of the host page size ([`Error::NotPageMultiple`]):
+    /// see the module documentation.
     pub fn from_range(
         addr: vm_memory::GuestAddress,
         size: usize,

@@ -239,6 +239,13 @@ pub enum IommuError {
     },
 }
 
+/// A short transfer of a provided method of [`Bytes<Iova>`](crate::Bytes).
+impl From<crate::bytes::PartialBuffer<Iova>> for IommuError {
+    fn from(p: crate::bytes::PartialBuffer<Iova>) -> Self {
+        IommuError::PartialBuffer { iova: p.addr, expected: p.expected, completed: p.completed }
+    }
+}
+
 /// One row of a table: what a translation needs beside the IOVA start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Row {

@@ -696,6 +696,13 @@ impl<B: NewBitmap> MmapRegionBuilder<B> {
         self.size
     }
 
+    /// The same builder for a region of `size` bytes (a guest region rounds a length that is
+    /// not a page multiple up to whole pages).
+    pub(crate) fn with_size(mut self, size: usize) -> Self {
+        self.size = size;
+        self
+    }
+
     /// What backs the memory (default: private anonymous).
     pub fn backing(mut self, backing: Backing) -> Self {
         self.backing = backing;

@@ -231,7 +231,9 @@ impl SnapshotInfo {
         for &(guest_addr, len, region_page) in regions {
             let align = region_page.max(page_size);
             let data_offset = end.checked_next_multiple_of(align)?;
-            end = data_offset.checked_add(len)?;
+            // Whole pages of data, even for a region whose last page is partial, so a mapped
+            // restore can map its pages from the file (the tail of the page reads as zeros).
+            end = data_offset.checked_add(len.checked_next_multiple_of(page_size)?)?;
             let pages = (kind == SnapshotKind::Diff)
                 .then(|| vec![0u64; usize::try_from(bitmap_words(len, page_size)).unwrap_or(0)]);
             out.push(SnapshotRegion {

@@ -18,7 +18,9 @@
 //!   A held page that is all zeros is a hole in the file, like every page a diff does not
 //!   hold; only the bitmap tells them apart.
 //! - **Data**: pages that are all zeros are never written, so the file stays sparse (its
-//!   allocated blocks are about its non-zero pages).
+//!   allocated blocks are about its non-zero pages). A region whose length is not a page
+//!   multiple has a partial last page: its data is its length, and the file holds whole
+//!   pages (the tail of the last one a hole), so [`restore_mapped`] can map it.
 //!
 //! The header area is written last, so a dump that fails midway leaves a file that every
 //! reader refuses.

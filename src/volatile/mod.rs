@@ -362,10 +362,10 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
     }
 
     /// Fails with [`VolatileError::ReadOnly`] if writes to `[offset, offset + len)` are not
-    /// allowed.
+    /// allowed (a write of nothing always is).
     #[inline(always)]
     pub(crate) fn check_writable(&self, offset: usize, len: usize) -> Result<()> {
-        if self.writable {
+        if self.writable || len == 0 {
             Ok(())
         } else {
             Err(VolatileError::ReadOnly { offset, len })
@@ -522,9 +522,10 @@ impl<'a, S: BitmapSlice> VolatileSlice<'a, S> {
     }
 
     /// The part of the slice `[addr, addr + count)` clipped to the end, for the "as much as
-    /// fits" calls. `addr == len` gives an empty slice; beyond is out of bounds.
+    /// fits" calls. Nothing fitting is out of bounds: a `count > 0` at or past the end (so a
+    /// loop that writes until an error ends), a `count == 0` past the end.
     pub(crate) fn clip(&self, addr: usize, count: usize) -> Result<Self> {
-        if addr > self.len {
+        if addr > self.len || (addr == self.len && count != 0) {
             return Err(VolatileError::OutOfBounds { offset: addr, len: count, size: self.len });
         }
         let count = count.min(self.len - addr);

@@ -98,15 +98,56 @@ fn read_write_as_much_as_fits() {
     let (s, bm) = tracked(&mut mem, true);
     assert_eq!(s.write(&[1, 2, 3, 4], 6).unwrap(), 2);
     assert_eq!(bm.ranges(), vec![(6, 2)]);
-    assert_eq!(s.write(&[1], 8).unwrap(), 0);
+    // Nothing fits at the end: an error, so a loop that writes until one ends.
+    assert!(matches!(s.write(&[1], 8), Err(VolatileError::OutOfBounds { offset: 8, len: 1, size: 8 })));
     assert!(s.write(&[1], 9).is_err());
     let mut out = [0u8; 4];
     assert_eq!(s.read(&mut out, 5).unwrap(), 3);
     assert_eq!(out, [0, 1, 2, 0]);
-    assert_eq!(s.read(&mut out, 8).unwrap(), 0);
+    assert!(matches!(s.read(&mut out, 8), Err(VolatileError::OutOfBounds { offset: 8, len: 4, size: 8 })));
     assert!(s.read(&mut out, 9).is_err());
     assert!(s.write_slice(&[1, 2, 3], 6).is_err());
     assert!(s.read_slice(&mut out, 5).is_err());
+    let mut at = 0;
+    while let Ok(n) = s.write(&[7; 3], at) {
+        at += n;
+    }
+    assert_eq!(at, 8);
+}
+
+#[test]
+fn zero_length_accesses_up_to_the_end() {
+    let mut mem = [0u8; 8];
+    let (s, bm) = tracked(&mut mem, true);
+    // SAFETY: `mem` outlives `ro`, which never writes (read-only).
+    let ro = unsafe { VolatileSlice::with_bitmap(s.as_ptr(), 8, (), false) };
+    for at in [0, 3, 8] {
+        assert_eq!(s.write(&[], at).unwrap(), 0);
+        assert_eq!(s.read(&mut [], at).unwrap(), 0);
+        s.write_slice(&[], at).unwrap();
+        s.read_slice(&mut [], at).unwrap();
+        s.write_obj((), at).unwrap();
+        s.read_obj::<()>(at).unwrap();
+        assert_eq!(s.read_volatile_from(at, &mut &[1u8][..], 0).unwrap(), 0);
+        s.read_exact_volatile_from(at, &mut &[1u8][..], 0).unwrap();
+        assert_eq!(s.write_volatile_to(at, &mut Vec::new(), 0).unwrap(), 0);
+        s.write_all_volatile_to(at, &mut Vec::new(), 0).unwrap();
+        // Writing nothing to read-only memory writes nothing: no error.
+        assert_eq!(ro.write(&[], at).unwrap(), 0);
+        ro.write_slice(&[], at).unwrap();
+    }
+    assert_eq!(bm.ranges(), vec![]);
+    // Past the end there is no empty range either.
+    assert!(s.write(&[], 9).is_err());
+    assert!(s.read(&mut [], 9).is_err());
+    assert!(s.write_slice(&[], 9).is_err());
+    assert!(s.read_obj::<()>(9).is_err());
+    assert!(s.read_volatile_from(9, &mut &[1u8][..], 0).is_err());
+    assert!(s.write_volatile_to(9, &mut Vec::new(), 0).is_err());
+    // The as-much-as-fits I/O forms, like write/read, fail when nothing fits.
+    assert!(s.read_volatile_from(8, &mut &[1u8][..], 1).is_err());
+    assert!(s.write_volatile_to(8, &mut Vec::new(), 1).is_err());
+    assert_eq!(s.read_volatile_from(0, &mut &[][..], 4).unwrap(), 0, "Ok(0): the source is at its end");
 }
 
 #[test]
