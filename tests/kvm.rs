@@ -586,6 +586,7 @@ fn every_kvm_error_variant_is_produced() {
         KvmError::RingNotEnabled => "RingNotEnabled",
         KvmError::NotLogging => "NotLogging",
         KvmError::NoFreeSlot(_) => "NoFreeSlot",
+        KvmError::PartialPage { .. } => "PartialPage",
         KvmError::Bitmap { .. } => "Bitmap",
         KvmError::SlotChanged { .. } => "SlotChanged",
         KvmError::RingMap(_) => "RingMap",
@@ -653,6 +654,9 @@ fn every_kvm_error_variant_is_produced() {
     produced.push(changed.sync_dirty_log().unwrap_err());
     drop(changed);
     drop(big);
+    // A region of a page and a half.
+    let odd = Mem::from_ranges(&[(GuestAddress(0), 0x1800)]).unwrap();
+    produced.push(slots_on(&TestVm::new().unwrap(), true).register(&odd).unwrap_err());
     // `LogBuffer`: log_buffer_allocation_failure_is_an_error; `GuestMemfd`:
     // guest_memfd_regions_are_guest_ram; `Unsupported`: not on this kernel.
     common::assert_every_variant(
@@ -672,6 +676,7 @@ fn every_kvm_error_variant_is_produced() {
             "RingNotEnabled",
             "NotLogging",
             "NoFreeSlot",
+            "PartialPage",
             "Bitmap",
             "SlotChanged",
             "RingMap",

@@ -161,6 +161,16 @@ pub enum KvmError {
     /// More regions than slot numbers to give them.
     #[error("no free memslot number ({0} available)")]
     NoFreeSlot(u32),
+    /// A region whose length is not a multiple of the 4 KiB page (a region made with
+    /// `GuestRegionMmap::with_len`): KVM maps whole pages only, and a slot over the rounded
+    /// mapping would let the guest write bytes past the region's end.
+    #[error("region at {addr} is {len:#x} bytes, not a whole number of pages: KVM cannot map it")]
+    PartialPage {
+        /// Start of the region.
+        addr: GuestAddress,
+        /// Its length.
+        len: u64,
+    },
     /// A region's bitmap cannot take KVM's bits (tracking switched off, say).
     #[error("the bitmap of the region at {addr} cannot take KVM's dirty bits: {source}")]
     Bitmap {
@@ -537,6 +547,9 @@ impl<B: Bitmap + DirtyHarvest> KvmSlots<B> {
         // Each new slot, ready but not yet registered: flags, and a log buffer when logged.
         let mut new_slots = Vec::with_capacity(arriving.len());
         for (&id, region) in ids.iter().zip(&arriving) {
+            if !region.len().is_multiple_of(KVM_PAGE_SIZE as u64) {
+                return Err(KvmError::PartialPage { addr: region.start_addr(), len: region.len() });
+            }
             let writable = region.protection().is_writable();
             let gmem = self.guest_memfd_of(region)?;
             let mut flags = 0;
