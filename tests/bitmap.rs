@@ -2,6 +2,8 @@
 //! record nothing, a proptest of `AtomicBitmap` against a `BTreeSet` of dirty pages, and
 //! writers racing a harvester without losing a mark.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -291,22 +293,6 @@ proptest! {
     }
 }
 
-/// A small xorshift generator: deterministic per thread, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 #[test]
 fn racing_writers_and_harvester_lose_no_mark() {
     const PAGE: usize = 4096;
@@ -322,15 +308,16 @@ fn racing_writers_and_harvester_lose_no_mark() {
             .map(|t| {
                 let bitmap = &bitmap;
                 scope.spawn(move || {
-                    let mut rng =
-                        Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1));
+                    let mut rng = common::Rng(
+                        0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1).wrapping_mul(0x1234_5678_9abc_def1),
+                    );
                     let mut marked = vec![false; PAGES];
                     for i in 0..MARKS_PER_WRITER {
                         // Mostly single pages, some runs across word boundaries, some via slices.
-                        let first = rng.below(PAGES);
-                        let count = if i % 16 == 0 { 1 + rng.below(200) } else { 1 };
+                        let first = rng.below(PAGES as u64) as usize;
+                        let count = if i % 16 == 0 { 1 + rng.below(200) as usize } else { 1 };
                         let count = count.min(PAGES - first);
-                        let offset = first * PAGE + rng.below(PAGE);
+                        let offset = first * PAGE + rng.below(PAGE as u64) as usize;
                         let len = (count - 1) * PAGE + 1;
                         if i % 2 == 0 {
                             bitmap.mark_dirty(offset, len);

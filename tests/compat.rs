@@ -15,8 +15,6 @@ use guestmem::compat::{self, AtomicView, PermissionView};
 use guestmem::mmap::MmapRegionBuilder;
 use guestmem::sys::Protection;
 use guestmem::{GuestMemoryAtomic, GuestRegionMmap};
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::bitmap::Bitmap as _;
 use vm_memory::{
@@ -238,20 +236,11 @@ fn queue<M: GuestMemory>(mem: &M) -> Queue {
     q
 }
 
-/// Puts a chain of `(addr, len, device-writable)` buffers at descriptor `first` and makes it
-/// available as the `nth` avail entry.
+/// The test queue's rings, for the driver's side.
+const RINGS: common::virtq::Rings = common::virtq::Rings { desc: DESC, avail: AVAIL, size: QSIZE };
+
 fn offer<M: GuestMemory>(mem: &M, first: u16, nth: u16, bufs: &[(u64, u32, bool)]) {
-    for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-        let idx = first + i as u16;
-        let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-        if i + 1 < bufs.len() {
-            flags |= VRING_DESC_F_NEXT as u16;
-        }
-        mem.write_obj(Descriptor::new(addr, len, flags, idx + 1), GuestAddress(DESC + 16 * u64::from(idx)))
-            .unwrap();
-    }
-    mem.write_obj(first, GuestAddress(AVAIL + 4 + 2 * u64::from(nth % QSIZE))).unwrap();
-    mem.store(nth.wrapping_add(1), GuestAddress(AVAIL + 2), Ordering::Release).unwrap();
+    RINGS.offer(mem, first, nth, bufs)
 }
 
 #[test]

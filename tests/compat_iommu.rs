@@ -4,6 +4,8 @@
 //! vm-memory's own `IommuMemory` and `Iotlb` on random tables and accesses; the all-or-nothing
 //! rule, the ends of the address space and the resolver.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -14,8 +16,6 @@ use guestmem::iommu::{Access, Iotlb, Iova, Permissions as Perm};
 use guestmem::mmap::MmapRegionBuilder;
 use guestmem::sys::Protection;
 use guestmem::GuestRegionMmap;
-use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
-use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::iommu::{Error as VmIommuError, IotlbIterator};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError, Iommu as _, IommuMemory, Permissions};
@@ -51,17 +51,7 @@ const USED: u64 = 0x100_2000;
 const QSIZE: u16 = 8;
 
 fn offer<M: GuestMemory>(mem: &M, first: u16, nth: u16, bufs: &[(u64, u32, bool)]) {
-    for (i, &(addr, len, write)) in bufs.iter().enumerate() {
-        let idx = first + i as u16;
-        let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
-        if i + 1 < bufs.len() {
-            flags |= VRING_DESC_F_NEXT as u16;
-        }
-        mem.write_obj(Descriptor::new(addr, len, flags, idx + 1), GuestAddress(DESC + 16 * u64::from(idx)))
-            .unwrap();
-    }
-    mem.write_obj(first, GuestAddress(AVAIL + 4 + 2 * u64::from(nth % QSIZE))).unwrap();
-    mem.store(nth.wrapping_add(1), GuestAddress(AVAIL + 2), Ordering::Release).unwrap();
+    common::virtq::Rings { desc: DESC, avail: AVAIL, size: QSIZE }.offer(mem, first, nth, bufs)
 }
 
 #[test]
@@ -164,21 +154,6 @@ impl vm_memory::Iommu for ModelIommu {
     }
 }
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
 const GUEST_PAGES: u64 = 64;
 const IOVA_PAGES: u64 = 48;
 const PERMS: [(Perm, Permissions); 3] = [
@@ -196,7 +171,7 @@ fn vm_contents(mem: &impl vm_memory::GuestMemoryBackend) -> Vec<u8> {
 #[test]
 fn both_faces_answer_as_vm_memory_iommu_memory() {
     for seed in 1..=24u64 {
-        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let mut rng = common::Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
         let size = (GUEST_PAGES * PAGE) as usize;
         let ours = Mem::from_ranges(&[(ga(0), size)]).unwrap();
         let face_mem = compat::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), size)]).unwrap();

@@ -225,3 +225,56 @@ pub fn peak_rss() -> u64 {
         .unwrap();
     kb * 1024
 }
+
+/// A small xorshift generator: deterministic pseudo-random numbers without a crate. The seed
+/// must not be zero.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    /// A number below `n` (not zero).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The driver's side of a split virtqueue: where its rings are, and making chains available.
+pub mod virtq {
+    use std::sync::atomic::Ordering;
+
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::split::Descriptor;
+    use vm_memory::{Bytes, GuestAddress, GuestMemory};
+
+    /// A queue's descriptor table and avail ring addresses, and its size.
+    #[derive(Clone, Copy)]
+    pub struct Rings {
+        pub desc: u64,
+        pub avail: u64,
+        pub size: u16,
+    }
+
+    impl Rings {
+        /// Puts a chain of `(addr, len, device-writable)` buffers at descriptor `first` and
+        /// makes it available as the `nth` avail entry (index published with Release).
+        pub fn offer<M: GuestMemory>(&self, mem: &M, first: u16, nth: u16, bufs: &[(u64, u32, bool)]) {
+            for (i, &(addr, len, write)) in bufs.iter().enumerate() {
+                let idx = first + i as u16;
+                let mut flags = if write { VRING_DESC_F_WRITE as u16 } else { 0 };
+                if i + 1 < bufs.len() {
+                    flags |= VRING_DESC_F_NEXT as u16;
+                }
+                let at = GuestAddress(self.desc + 16 * u64::from(idx));
+                mem.write_obj(Descriptor::new(addr, len, flags, idx + 1), at).unwrap();
+            }
+            mem.write_obj(first, GuestAddress(self.avail + 4 + 2 * u64::from(nth % self.size))).unwrap();
+            mem.store(nth.wrapping_add(1), GuestAddress(self.avail + 2), Ordering::Release).unwrap();
+        }
+    }
+}
