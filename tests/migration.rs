@@ -368,6 +368,40 @@ fn sender_refuses_ranges_outside_memory_and_untracked_memory() {
 }
 
 #[test]
+fn a_harvest_that_fails_part_way_loses_no_dirty_page() {
+    // Region 0 tracks writes, region 1 does not: the harvest must fail before it takes region
+    // 0's pages, or they are gone (the send fails, so nobody sends them).
+    let tracked =
+        GuestRegionMmap::build(MmapRegionBuilder::<Option<AtomicBitmap>>::new(MIB), GuestAddress(0)).unwrap();
+    let untracked = GuestRegionMmap::build(
+        MmapRegionBuilder::<Option<AtomicBitmap>>::new(MIB).dirty_tracking(false),
+        GuestAddress(MIB as u64),
+    )
+    .unwrap();
+    let mem = GuestMemoryMmap::from_regions(vec![tracked, untracked]).unwrap();
+    mem.write_slice(&[7; 3 * PAGE as usize], GuestAddress(0x4000)).unwrap();
+    let region0 = || mem.regions()[0].bitmap().as_ref().unwrap().dirty_page_count();
+    assert_eq!(region0(), 3);
+    let mut sender = Sender::new(Vec::new()).unwrap();
+    let e = sender.send_dirty(&mem).unwrap_err();
+    assert!(matches!(e, MigrationError::Harvest(BitmapError::NotTracking)), "{e}");
+    assert_eq!(region0(), 3, "the tracked region's dirty pages are still there");
+    assert_eq!(sender.get_ref().len(), 16, "nothing was sent");
+}
+
+#[test]
+fn empty_ranges_are_skipped_wherever_they_point() {
+    let src = tracked(&layout());
+    let mut sender = Sender::new(Vec::new()).unwrap();
+    // In the hole, past the end, at the top of the address space: empty, so nothing to check.
+    let empty = [(GuestAddress(9 * MIB as u64), 0), (GuestAddress(1 << 40), 0), (GuestAddress(u64::MAX), 0)];
+    assert_eq!(sender.send_ranges(&src, &empty).unwrap(), 0);
+    let mixed = [(GuestAddress(1 << 40), 0), (GuestAddress(0x1000), PAGE), (GuestAddress(9 * MIB as u64), 0)];
+    assert_eq!(sender.send_ranges(&src, &mixed).unwrap(), PAGE);
+    assert_eq!(sender.end_round().unwrap().pages, 1);
+}
+
+#[test]
 fn a_failing_sync_hook_stops_the_migration() {
     let src = tracked(&layout());
     let mut calls = 0;

@@ -120,9 +120,10 @@ impl<W: Write> Sender<W> {
         self.stream
     }
 
-    /// Sends the guest ranges `ranges` (`(start, length)`; empty ones are skipped) as pages
-    /// frames of at most [`MAX_FRAME_DATA`] bytes. Every range is checked to lie in `mem`
-    /// first: an invalid list sends nothing. Returns the guest bytes sent.
+    /// Sends the guest ranges `ranges` (`(start, length)`; empty ones are skipped, wherever
+    /// they point) as pages frames of at most [`MAX_FRAME_DATA`] bytes. Every non-empty range
+    /// is checked to lie in `mem` first: an invalid list sends nothing. Returns the guest
+    /// bytes sent.
     ///
     /// ```
     /// use guestmem::migration::Sender;
@@ -131,13 +132,16 @@ impl<W: Write> Sender<W> {
     /// let mut sender = Sender::new(Vec::new()).unwrap();
     /// assert_eq!(sender.send_ranges(&mem, &[(GuestAddress(0x1000), 0x2000)]).unwrap(), 0x2000);
     /// assert!(sender.send_ranges(&mem, &[(GuestAddress(0xf000), 0x2000)]).is_err());
+    /// // An empty range is skipped, even at an address without memory.
+    /// assert_eq!(sender.send_ranges(&mem, &[(GuestAddress(1 << 40), 0)]).unwrap(), 0);
     /// ```
     pub fn send_ranges<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         ranges: &[(GuestAddress, u64)],
     ) -> Result<u64> {
-        for &(addr, len) in ranges {
+        // An empty range sends nothing, so its address needs no memory behind it.
+        for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
             let n = usize::try_from(len).map_err(|_| MigrationError::Memory {
                 addr,
                 len,
@@ -174,17 +178,26 @@ impl<W: Write> Sender<W> {
     /// cleared) and sends them. If sending fails, the harvested ranges are put back
     /// ([`GuestMemoryMmap::restore_dirty_ranges`]), so a later attempt still has them. Returns
     /// the number of dirty pages harvested (in the bitmaps' page size).
+    ///
+    /// A region without dirty tracking fails the call before anything is taken from any
+    /// region; whatever a failing harvest did report is put back too.
     pub fn send_dirty<B: Bitmap + DirtyHarvest>(&mut self, mem: &GuestMemoryMmap<B>) -> Result<usize> {
+        // Every region must be able to report its pages before any region gives them up.
+        for region in mem.iter() {
+            region.bitmap().page_size()?;
+        }
         let mut ranges = std::mem::take(&mut self.ranges);
         ranges.clear();
-        let pages = mem.take_dirty_ranges(|addr, len| ranges.push((addr, len)))?;
-        let sent = self.send_ranges(mem, &ranges);
-        if sent.is_err() {
+        let result = match mem.take_dirty_ranges(|addr, len| ranges.push((addr, len))) {
+            Ok(pages) => self.send_ranges(mem, &ranges).map(|_| pages),
+            Err(e) => Err(e.into()),
+        };
+        if result.is_err() {
             // The ranges came from this memory's harvest: putting them back cannot fail.
             let _ = mem.restore_dirty_ranges(&ranges);
         }
         self.ranges = ranges;
-        sent.map(|_| pages)
+        result
     }
 
     /// Closes the current round with an end-of-round frame (its number and page count) and
