@@ -190,6 +190,16 @@ fn main() {
     // For profiling: `GUESTMEM_BENCH_ONLY=guestmem` (or `raw`) runs one side only.
     let only = std::env::var("GUESTMEM_BENCH_ONLY").ok();
     let only = only.as_deref();
+    // For profiling only the timed part: `perf record --control=fifo:CTL -D -1 ...` with
+    // `GUESTMEM_BENCH_PERF_CTL=CTL`; the bench enables events around the repetitions.
+    let mut perf_ctl = std::env::var("GUESTMEM_BENCH_PERF_CTL")
+        .ok()
+        .map(|path| std::fs::OpenOptions::new().write(true).open(path).unwrap());
+    let mut perf = |cmd: &str| {
+        if let Some(f) = perf_ctl.as_mut() {
+            f.write_all(cmd.as_bytes()).unwrap();
+        }
+    };
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     println!("migration stream, {} MiB in one region, median of {reps} alternating repetitions", size >> 20);
     println!(
@@ -211,12 +221,16 @@ fn main() {
             for _ in 0..reps {
                 if only != Some("guestmem") {
                     stale(d, size);
+                    perf("enable\n");
                     raw_t.push(raw(transport, &listener, s, d, size));
+                    perf("disable\n");
                     assert!(same(s, d, size), "raw copy differs");
                 }
                 if only != Some("raw") {
                     stale(d, size);
+                    perf("enable\n");
                     gm_t.push(guestmem(transport, &listener, &src, &dst));
+                    perf("disable\n");
                     assert!(same(s, d, size), "guestmem copy differs");
                 }
             }

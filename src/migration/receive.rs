@@ -2,41 +2,90 @@
 
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 
-use super::send::region_checksum;
+use super::multi::Rendezvous;
+use super::page_hash::{self, PAGE};
+use super::residency::{self, AbsentPages, Pagemap};
+use super::send::{check_regions, memory_digest};
+use super::tables::{RegionTable, Tables};
 use super::{
-    frame_name, stream_pages, MigrationError, Result, CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS, FRAME_DONE,
-    FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, MAGIC, MAX_FRAME_DATA, STREAM_HEADER_LEN, VERSION,
+    frame_name, MigrationError, Result, StreamId, CHECKSUMS_MEMORY, CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS,
+    FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, MAGIC, MAX_FRAME_DATA, MAX_RUNS,
+    MAX_STREAMS, RUN_DATA, RUN_LEN, RUN_ZERO, STREAM_HEADER_LEN, VERSION,
 };
 use crate::address::GuestAddress;
 use crate::bitmap::BitmapSlice;
-use crate::bytes::Bytes;
 use crate::bytes::{le_u32, le_u64};
 use crate::memory::{GuestMemory, GuestMemoryError};
 use crate::region::GuestMemoryRegion;
-use crate::volatile::{ReadVolatile, VolatileError, VolatileSlice};
+use crate::sys;
 
 /// The bounce buffer of the plain-`Read` path.
 const BOUNCE_LEN: usize = 64 << 10;
 
-/// What a complete stream brought.
+/// What a complete stream (or set of streams) brought.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ReceiveSummary {
-    /// Rounds closed by an end-of-round frame.
+    /// Rounds closed by an end-of-round frame (on every stream).
     pub rounds: u64,
-    /// Pages received, in [`STREAM_PAGE_SIZE`](super::STREAM_PAGE_SIZE) units.
+    /// Pages received, in [`STREAM_PAGE_SIZE`](super::STREAM_PAGE_SIZE) units: data pages
+    /// and zero pages.
     pub pages: u64,
-    /// Guest bytes received.
+    /// Of those, the pages that came as zero runs.
+    pub zero_pages: u64,
+    /// Guest bytes the pages cover (`pages` × 4096).
     pub bytes: u64,
-    /// Regions whose checksum matched the source's.
+    /// Regions whose digests matched the source's.
     pub regions_verified: usize,
+    /// Whether the source sent memory digests ([`Sender::verify_memory`](super::Sender::verify_memory)),
+    /// so that every region's contents were compared too.
+    pub memory_verified: bool,
+}
+
+impl ReceiveSummary {
+    /// The sum of the counts of several streams of one migration (`rounds` and the
+    /// verification are the same on every stream; they come from `self`).
+    pub(super) fn add(&mut self, other: &ReceiveSummary) {
+        self.pages += other.pages;
+        self.zero_pages += other.zero_pages;
+        self.bytes += other.bytes;
+        self.regions_verified = self.regions_verified.max(other.regions_verified);
+        self.memory_verified |= other.memory_verified;
+    }
+}
+
+/// The destination as the receiving threads share it: the hash table of every region, and
+/// which regions' absent pages read as zero.
+#[derive(Debug)]
+pub(super) struct Destination {
+    tables: Vec<Arc<RegionTable>>,
+    trusted: Vec<bool>,
+    pagemap: Option<Pagemap>,
+}
+
+impl Destination {
+    pub(super) fn new<M: GuestMemory + ?Sized>(mem: &M) -> Result<Self> {
+        check_regions(mem)?;
+        let pagemap = Pagemap::open();
+        let trusted = mem
+            .iter()
+            .map(|r| pagemap.is_some() && residency::private_anonymous(r.host_ptr(), r.len() as usize))
+            .collect();
+        Ok(Destination { tables: Tables::default().for_memory(mem), trusted, pagemap })
+    }
+
+    /// The index of the region holding guest page `page` (known to be in memory).
+    fn region_of(&self, page: u64) -> usize {
+        self.tables.partition_point(|t| t.first_page() <= page) - 1
+    }
 }
 
 /// Reads a migration stream into destination memory (see the [module docs](super) for the
 /// format and what is checked).
 ///
 /// Made with [`new_vectored`](Self::new_vectored) on a file descriptor, page data goes from
-/// the kernel straight into guest memory with `read(2)`; made with [`new`](Self::new) on any
+/// the kernel straight into guest memory with `readv(2)`; made with [`new`](Self::new) on any
 /// other `Read`, it is copied through a 64 KiB buffer. Nothing is allocated from a length the
 /// peer sent.
 ///
@@ -53,7 +102,7 @@ pub struct ReceiveSummary {
 ///
 /// let dst = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x4000)]).unwrap();
 /// let summary = Receiver::new(&stream[..]).receive(&dst).unwrap();
-/// assert_eq!((summary.rounds, summary.pages, summary.regions_verified), (1, 4, 1));
+/// assert_eq!((summary.rounds, summary.pages, summary.zero_pages, summary.regions_verified), (1, 4, 3, 1));
 /// assert_eq!(dst.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 42);
 ///
 /// // A stream cut short is an error, not a hang or a panic.
@@ -63,11 +112,32 @@ pub struct ReceiveSummary {
 #[derive(Debug)]
 pub struct Receiver<R> {
     stream: R,
-    /// How to reach the stream's fd, when it has one: the direct `read(2)` path.
+    /// How to reach the stream's fd, when it has one: the direct `readv(2)` path.
     fd: Option<fn(&R) -> BorrowedFd<'_>>,
     /// Bytes consumed so far: the position errors report.
     offset: u64,
     bounce: Vec<u8>,
+    /// The runs of the pages frame being read, as they arrived.
+    raw_runs: Box<[u8]>,
+    /// The next frame's header, read with the previous frame's data (vectored path).
+    ahead: Option<Ahead>,
+}
+
+/// A frame header read ahead: where it starts, and how much of it arrived.
+#[derive(Clone, Copy, Debug)]
+struct Ahead {
+    offset: u64,
+    bytes: [u8; FRAME_HEADER_LEN],
+    got: usize,
+}
+
+/// One validated run of a pages frame.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    addr: GuestAddress,
+    pages: u64,
+    zero: bool,
+    region: usize,
 }
 
 impl<R: Read + AsFd> Receiver<R> {
@@ -75,14 +145,25 @@ impl<R: Read + AsFd> Receiver<R> {
     /// memory. `stream` must not buffer (a `TcpStream`, `UnixStream`, `File`, `ChildStdout`,
     /// ...): headers are read through `Read`, page data from the fd.
     pub fn new_vectored(stream: R) -> Self {
-        Receiver { stream, fd: Some(<R as AsFd>::as_fd), offset: 0, bounce: Vec::new() }
+        Self::with_path(stream, Some(<R as AsFd>::as_fd))
     }
 }
 
 impl<R: Read> Receiver<R> {
     /// A receiver on any `Read`; page data goes through a bounce buffer.
     pub fn new(stream: R) -> Self {
-        Receiver { stream, fd: None, offset: 0, bounce: Vec::new() }
+        Self::with_path(stream, None)
+    }
+
+    pub(super) fn with_path(stream: R, fd: Option<fn(&R) -> BorrowedFd<'_>>) -> Self {
+        Receiver {
+            stream,
+            fd,
+            offset: 0,
+            bounce: Vec::new(),
+            raw_runs: vec![0; MAX_RUNS * RUN_LEN].into_boxed_slice(),
+            ahead: None,
+        }
     }
 
     /// The stream.
@@ -96,10 +177,25 @@ impl<R: Read> Receiver<R> {
     }
 
     /// Reads the whole stream (header, frames, checksums, done) into `mem` and verifies every
-    /// region's checksum. Stops at the done frame (later bytes are left unread).
+    /// region's digests. Stops at the done frame (later bytes are left unread).
     pub fn receive<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<ReceiveSummary> {
+        let dest = Destination::new(mem)?;
+        let id = self.read_stream_header()?;
+        if id.count != 1 || id.index != 0 {
+            return Err(MigrationError::Streams {
+                index: id.index,
+                what: "a stream of a multi-stream migration (receive it with a MultiReceiver)",
+            });
+        }
+        self.receive_frames(mem, &dest, 0, None)
+    }
+
+    /// Reads and checks the stream header.
+    pub(super) fn read_stream_header(&mut self) -> Result<StreamId> {
+        // Magic and version first: a stream of another version is refused by its version,
+        // whatever length its header has.
         let mut header = [0u8; STREAM_HEADER_LEN];
-        self.read_full(&mut header, "the stream header")?;
+        self.read_full(&mut header[..16], "the stream header")?;
         let mut magic = [0u8; 8];
         magic.copy_from_slice(&header[..8]);
         if magic != MAGIC {
@@ -112,142 +208,345 @@ impl<R: Read> Receiver<R> {
         if le_u32(&header, 12) != 0 {
             return Err(MigrationError::InvalidFrame { what: "stream header flags", offset: 0 });
         }
+        self.read_full(&mut header[16..], "the stream header")?;
+        let id =
+            StreamId { session: le_u64(&header, 16), index: le_u32(&header, 24), count: le_u32(&header, 28) };
+        if id.count == 0 || id.count > MAX_STREAMS {
+            return Err(MigrationError::Streams { index: id.index, what: "stream count outside 1 to 64" });
+        }
+        if id.index >= id.count {
+            return Err(MigrationError::Streams {
+                index: id.index,
+                what: "stream index not below the stream count",
+            });
+        }
+        Ok(id)
+    }
 
+    /// The frames of stream `index` of a migration (of `rendezvous`'s, when it has several
+    /// streams), after its header.
+    pub(super) fn receive_frames<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        dest: &Destination,
+        index: u32,
+        rendezvous: Option<&Rendezvous>,
+    ) -> Result<ReceiveSummary> {
         let mut summary = ReceiveSummary::default();
-        let mut round_pages = 0u64;
+        let (mut round_data, mut round_zero) = (0u64, 0u64);
         let mut verified = false;
+        // Stream 0 ends with checksums then done; the others with done.
+        let (expected, expected_after) = if index == 0 {
+            ("pages, end-of-round or checksums", "done")
+        } else {
+            ("pages, end-of-round or done", "done")
+        };
+        let mut runs = Vec::with_capacity(MAX_RUNS);
         loop {
-            let at = self.offset;
-            let mut h = [0u8; FRAME_HEADER_LEN];
-            self.read_full(&mut h, "a frame header")?;
-            let (kind, flags, a, b) = (le_u32(&h, 0), le_u32(&h, 4), le_u64(&h, 8), le_u64(&h, 16));
+            if let Some(rv) = rendezvous {
+                rv.check_failed(index)?;
+            }
+            let (at, h) = self.frame_header()?;
+            let (kind, flags, a, b, c) =
+                (le_u32(&h, 0), le_u32(&h, 4), le_u64(&h, 8), le_u64(&h, 16), le_u64(&h, 24));
             if !matches!(kind, FRAME_PAGES | FRAME_END_OF_ROUND | FRAME_CHECKSUMS | FRAME_DONE) {
                 return Err(MigrationError::UnknownFrame { kind, offset: at });
             }
             if flags != 0 {
                 return Err(MigrationError::InvalidFrame { what: "frame flags", offset: at });
             }
-            let expected = if verified { "done" } else { "pages, end-of-round or checksums" };
-            match kind {
-                FRAME_DONE if verified => {
-                    if a != 0 || b != 0 {
-                        return Err(MigrationError::InvalidFrame {
-                            what: "done frame arguments",
-                            offset: at,
-                        });
-                    }
-                    return Ok(summary);
-                }
-                FRAME_PAGES | FRAME_END_OF_ROUND | FRAME_CHECKSUMS if !verified => {}
-                _ => {
-                    return Err(MigrationError::UnexpectedFrame {
-                        offset: at,
-                        found: frame_name(kind),
-                        expected,
-                    })
-                }
+            let allowed = match kind {
+                FRAME_DONE => verified || index != 0,
+                FRAME_CHECKSUMS => !verified && index == 0,
+                _ => !verified,
+            };
+            if !allowed {
+                return Err(MigrationError::UnexpectedFrame {
+                    offset: at,
+                    found: frame_name(kind),
+                    expected: if verified { expected_after } else { expected },
+                });
             }
             match kind {
                 FRAME_PAGES => {
-                    self.receive_pages(mem, at, GuestAddress(a), b)?;
-                    round_pages += stream_pages(b);
-                    summary.pages += stream_pages(b);
-                    summary.bytes += b;
+                    let (data, zero) = self.receive_pages(mem, dest, &mut runs, at, a, b, c)?;
+                    round_data += data;
+                    round_zero += zero;
+                    summary.pages += data + zero;
+                    summary.zero_pages += zero;
+                    summary.bytes += (data + zero) * PAGE as u64;
                 }
                 FRAME_END_OF_ROUND => {
-                    if a != summary.rounds || b != round_pages {
+                    if a != summary.rounds || b != round_data || c != round_zero {
                         return Err(MigrationError::RoundMismatch {
                             round: a,
                             pages: b,
+                            zero_pages: c,
                             expected_round: summary.rounds,
-                            received_pages: round_pages,
+                            received_pages: round_data,
+                            received_zero_pages: round_zero,
                         });
                     }
+                    if let Some(rv) = rendezvous {
+                        rv.end_round(index, summary.rounds)?;
+                    }
                     summary.rounds += 1;
-                    round_pages = 0;
+                    (round_data, round_zero) = (0, 0);
                 }
-                _ => {
-                    if b != 0 {
+                FRAME_CHECKSUMS => {
+                    if c != 0 {
                         return Err(MigrationError::InvalidFrame {
                             what: "checksums frame argument",
                             offset: at,
                         });
                     }
-                    summary.regions_verified = self.verify(mem, a)?;
+                    if b & !CHECKSUMS_MEMORY != 0 {
+                        return Err(MigrationError::InvalidFrame {
+                            what: "checksums frame flags",
+                            offset: at,
+                        });
+                    }
+                    if a != mem.num_regions() as u64 {
+                        return Err(MigrationError::RegionCount {
+                            source_regions: a,
+                            destination_regions: mem.num_regions(),
+                        });
+                    }
+                    if let Some(rv) = rendezvous {
+                        // Every other stream must have applied its last page first.
+                        rv.wait_all_done(summary.rounds)?;
+                    }
+                    summary.regions_verified = self.verify(mem, dest, b == CHECKSUMS_MEMORY)?;
+                    summary.memory_verified = b == CHECKSUMS_MEMORY;
                     verified = true;
+                }
+                _ => {
+                    if a != 0 || b != 0 || c != 0 {
+                        return Err(MigrationError::InvalidFrame {
+                            what: "done frame arguments",
+                            offset: at,
+                        });
+                    }
+                    if let Some(rv) = rendezvous {
+                        rv.done(index, summary.rounds);
+                    }
+                    return Ok(summary);
                 }
             }
         }
     }
 
-    /// A pages frame's data, after its header was checked, into `mem`.
+    /// The next frame header: read ahead with the last frame's data, or read now. Returns
+    /// where it starts.
+    fn frame_header(&mut self) -> Result<(u64, [u8; FRAME_HEADER_LEN])> {
+        match self.ahead.take() {
+            Some(ahead) if ahead.got == FRAME_HEADER_LEN => Ok((ahead.offset, ahead.bytes)),
+            Some(ahead) => Err(MigrationError::Truncated {
+                offset: ahead.offset,
+                what: "a frame header",
+                expected: FRAME_HEADER_LEN as u64,
+                got: ahead.got as u64,
+            }),
+            None => {
+                let at = self.offset;
+                let mut h = [0u8; FRAME_HEADER_LEN];
+                self.read_full(&mut h, "a frame header")?;
+                Ok((at, h))
+            }
+        }
+    }
+
+    /// A pages frame, after its header: checks the header and every run before any byte of
+    /// memory changes, then reads the data into memory and applies the zero runs. Returns the
+    /// data and zero pages it held.
+    #[allow(clippy::too_many_arguments)]
     fn receive_pages<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
+        dest: &Destination,
+        runs: &mut Vec<Run>,
         at: u64,
-        addr: GuestAddress,
-        len: u64,
-    ) -> Result<()> {
-        if len == 0 {
+        count: u64,
+        data_len: u64,
+        reserved: u64,
+    ) -> Result<(u64, u64)> {
+        if reserved != 0 {
+            return Err(MigrationError::InvalidFrame { what: "pages frame argument", offset: at });
+        }
+        if count == 0 {
             return Err(MigrationError::InvalidFrame { what: "empty pages frame", offset: at });
         }
-        if len > MAX_FRAME_DATA {
-            return Err(MigrationError::FrameTooLarge { offset: at, len, max: MAX_FRAME_DATA });
+        if count > MAX_RUNS as u64 {
+            return Err(MigrationError::FrameTooLarge {
+                offset: at,
+                what: "runs",
+                len: count,
+                max: MAX_RUNS as u64,
+            });
         }
-        let n = len as usize;
-        mem.check_access(addr, n, true).map_err(|source| MigrationError::Memory { addr, len, source })?;
+        if data_len > MAX_FRAME_DATA {
+            return Err(MigrationError::FrameTooLarge {
+                offset: at,
+                what: "data bytes",
+                len: data_len,
+                max: MAX_FRAME_DATA,
+            });
+        }
+        let n = count as usize;
+        let mut raw = std::mem::take(&mut self.raw_runs);
+        let read = self.read_full(&mut raw[..n * RUN_LEN], "the runs of a pages frame");
+        let parsed = read.and_then(|()| parse_runs(mem, dest, &raw[..n * RUN_LEN], runs, at, data_len));
+        self.raw_runs = raw;
+        let (data_pages, zero_pages) = parsed?;
+
+        // The data, straight into the data runs' pages.
         let data_at = self.offset;
-        let result = match self.fd {
+        let got = self.read_data(mem, runs, data_len as usize)?;
+        // Mark and hash what arrived (all of it, unless the stream ended inside it).
+        let mut left = got;
+        for run in runs.iter().filter(|r| !r.zero) {
+            if left == 0 {
+                break;
+            }
+            let len = run.pages as usize * PAGE;
+            let here = left.min(len);
+            let s = slice(mem, run.addr, len)?;
+            s.bitmap().mark_dirty(0, here);
+            let table = &dest.tables[run.region];
+            let first = run.addr.0 / PAGE as u64 - table.first_page();
+            for p in 0..here / PAGE {
+                // SAFETY: page `p` lies in the run's slice of guest memory, which `mem` keeps
+                // mapped while borrowed.
+                let hash = unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) };
+                table.set(first + p as u64, hash);
+            }
+            left -= here;
+        }
+        if got < data_len as usize {
+            return Err(MigrationError::Truncated {
+                offset: data_at,
+                what: "page data",
+                expected: data_len,
+                got: got as u64,
+            });
+        }
+        let mut absent = dest.pagemap.as_ref().map(AbsentPages::new);
+        for run in runs.iter().filter(|r| r.zero) {
+            apply_zero_run(mem, dest, run, absent.as_mut().filter(|_| dest.trusted[run.region]))?;
+        }
+        Ok((data_pages, zero_pages))
+    }
+
+    /// Reads `len` bytes of page data into the data runs (and, on an fd, the next frame's
+    /// header after them). Returns the data bytes that arrived (fewer only at end of stream).
+    fn read_data<M: GuestMemory + ?Sized>(&mut self, mem: &M, runs: &[Run], len: usize) -> Result<usize> {
+        match self.fd {
             Some(fd) => {
-                let mut src = fd(&self.stream);
-                mem.read_exact_volatile_from(addr, &mut src, n)
+                let mut iov = Vec::with_capacity(runs.len() + 1);
+                for run in runs.iter().filter(|r| !r.zero) {
+                    iov.push(slice(mem, run.addr, run.pages as usize * PAGE)?.as_iovec());
+                }
+                let mut ahead =
+                    Ahead { offset: self.offset + len as u64, bytes: [0; FRAME_HEADER_LEN], got: 0 };
+                iov.push(libc::iovec {
+                    iov_base: ahead.bytes.as_mut_ptr().cast(),
+                    iov_len: FRAME_HEADER_LEN,
+                });
+                // SAFETY: the data iovecs describe writable slices of guest memory (every run
+                // was checked writable) that `mem`, borrowed for the call, keeps mapped; the
+                // last one describes `ahead.bytes`, not touched until the call returns.
+                let got = unsafe { scatter_all(fd(&self.stream), &mut iov) }.map_err(io_error_read)?;
+                let data = got.min(len);
+                self.offset += got as u64;
+                if got >= len {
+                    ahead.got = got - len;
+                    self.ahead = Some(ahead);
+                }
+                Ok(data)
             }
             None => {
                 if self.bounce.is_empty() {
                     self.bounce = vec![0; BOUNCE_LEN];
                 }
-                let mut src = Bounce { stream: &mut self.stream, buf: &mut self.bounce };
-                mem.read_exact_volatile_from(addr, &mut src, n)
+                let mut total = 0;
+                for run in runs.iter().filter(|r| !r.zero) {
+                    let s = slice(mem, run.addr, run.pages as usize * PAGE)?;
+                    let mut done = 0;
+                    while done < s.len() {
+                        let k = (s.len() - done).min(BOUNCE_LEN);
+                        let n = read_some(&mut self.stream, &mut self.bounce[..k], "reading page data")?;
+                        if n == 0 {
+                            return Ok(total);
+                        }
+                        let part = s.subslice(done, n).map_err(|e| MigrationError::Memory {
+                            addr: run.addr,
+                            len: s.len() as u64,
+                            source: GuestMemoryError::from_volatile(run.addr, e),
+                        })?;
+                        // (`copy_from` marks the bytes; the caller marks every run that arrived
+                        // once more, which costs little and keeps both paths alike.)
+                        let _ = part.copy_from(&self.bounce[..n]);
+                        done += n;
+                        total += n;
+                        self.offset += n as u64;
+                    }
+                }
+                Ok(total)
             }
-        };
-        result.map_err(|e| match e {
-            GuestMemoryError::PartialBuffer { completed, .. } => MigrationError::Truncated {
-                offset: data_at,
-                what: "page data",
-                expected: len,
-                got: completed as u64,
-            },
-            GuestMemoryError::Access { source: VolatileError::Io(source), .. } => {
-                MigrationError::Io { op: "reading page data", source }
-            }
-            source => MigrationError::Memory { addr, len, source },
-        })?;
-        self.offset += len;
-        Ok(())
+        }
     }
 
     /// The entries of a checksums frame, each compared with the destination region at the
     /// same place. Returns the number of regions verified.
-    fn verify<M: GuestMemory + ?Sized>(&mut self, mem: &M, count: u64) -> Result<usize> {
-        if count != mem.num_regions() as u64 {
-            return Err(MigrationError::RegionCount {
-                source_regions: count,
-                destination_regions: mem.num_regions(),
-            });
+    fn verify<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        dest: &Destination,
+        memory: bool,
+    ) -> Result<usize> {
+        // This side's memory digests first, while the source computes its own.
+        let mut digests = Vec::new();
+        if memory {
+            for (i, region) in mem.iter().enumerate() {
+                digests.push(memory_digest(region, dest.pagemap.as_ref().filter(|_| dest.trusted[i]))?);
+            }
         }
         let mut verified = 0;
-        for region in mem.iter() {
+        for (i, region) in mem.iter().enumerate() {
             let mut entry = [0u8; CHECKSUM_ENTRY_LEN];
             self.read_full(&mut entry, "a checksum entry")?;
-            let (addr, len, expected) =
-                (GuestAddress(le_u64(&entry, 0)), le_u64(&entry, 8), le_u64(&entry, 16));
+            let (addr, len) = (GuestAddress(le_u64(&entry, 0)), le_u64(&entry, 8));
             if addr != region.start_addr() || len != region.len() {
                 return Err(MigrationError::RegionMismatch { addr, len });
             }
-            let actual =
-                region_checksum(region).map_err(|source| MigrationError::Memory { addr, len, source })?;
+            let (expected, actual) = (le_u64(&entry, 16), dest.tables[i].digest());
             if actual != expected {
-                return Err(MigrationError::ChecksumMismatch { addr, len, expected, actual });
+                return Err(MigrationError::ChecksumMismatch {
+                    addr,
+                    len,
+                    what: "pages received",
+                    expected,
+                    actual,
+                });
+            }
+            let expected = le_u64(&entry, 24);
+            match digests.get(i) {
+                Some(&actual) if actual != expected => {
+                    return Err(MigrationError::ChecksumMismatch {
+                        addr,
+                        len,
+                        what: "memory contents",
+                        expected,
+                        actual,
+                    })
+                }
+                None if expected != 0 => {
+                    return Err(MigrationError::InvalidFrame {
+                        what: "memory digest without the checksums frame's flag",
+                        offset: self.offset - CHECKSUM_ENTRY_LEN as u64,
+                    })
+                }
+                _ => {}
             }
             verified += 1;
         }
@@ -258,8 +557,8 @@ impl<R: Read> Receiver<R> {
     fn read_full(&mut self, buf: &mut [u8], what: &'static str) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
-            match self.stream.read(&mut buf[got..]) {
-                Ok(0) => {
+            match read_some(&mut self.stream, &mut buf[got..], "reading the stream")? {
+                0 => {
                     return Err(MigrationError::Truncated {
                         offset: self.offset,
                         what,
@@ -267,9 +566,7 @@ impl<R: Read> Receiver<R> {
                         got: got as u64,
                     })
                 }
-                Ok(n) => got += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(source) => return Err(MigrationError::Io { op: "reading the stream", source }),
+                n => got += n,
             }
         }
         self.offset += buf.len() as u64;
@@ -277,26 +574,156 @@ impl<R: Read> Receiver<R> {
     }
 }
 
-/// A plain `Read` as a [`ReadVolatile`], through a host buffer.
-struct Bounce<'a, R> {
-    stream: &'a mut R,
-    buf: &'a mut [u8],
+/// Checks the runs of a pages frame (`raw`) and parses them into `runs`: kinds, sizes,
+/// alignment, order, each inside one writable region, data bytes that match. Returns the data
+/// and zero pages.
+fn parse_runs<M: GuestMemory + ?Sized>(
+    mem: &M,
+    dest: &Destination,
+    raw: &[u8],
+    runs: &mut Vec<Run>,
+    at: u64,
+    data_len: u64,
+) -> Result<(u64, u64)> {
+    runs.clear();
+    let (mut data, mut zero, mut end) = (0u64, 0u64, 0u64);
+    for r in raw.chunks_exact(RUN_LEN) {
+        let (addr, pages, kind) = (le_u64(r, 0), u64::from(le_u32(r, 8)), le_u32(r, 12));
+        let invalid = |what| MigrationError::InvalidFrame { what, offset: at };
+        if kind != RUN_DATA && kind != RUN_ZERO {
+            return Err(invalid("run kind"));
+        }
+        if pages == 0 {
+            return Err(invalid("empty run"));
+        }
+        if !addr.is_multiple_of(PAGE as u64) {
+            return Err(invalid("run not page aligned"));
+        }
+        if addr < end {
+            return Err(invalid("runs out of order or overlapping"));
+        }
+        let len = pages * PAGE as u64;
+        let memory_error = |source| MigrationError::Memory { addr: GuestAddress(addr), len, source };
+        end = addr.checked_add(len).ok_or_else(|| {
+            memory_error(GuestMemoryError::Overflow { addr: GuestAddress(addr), len: len as usize })
+        })?;
+        let s = mem.get_slice(GuestAddress(addr), len as usize).map_err(memory_error)?;
+        if !s.is_writable() {
+            return Err(memory_error(GuestMemoryError::ReadOnly {
+                addr: GuestAddress(addr),
+                len: len as usize,
+            }));
+        }
+        let zero_run = kind == RUN_ZERO;
+        if zero_run {
+            zero += pages;
+        } else {
+            data += pages;
+        }
+        runs.push(Run {
+            addr: GuestAddress(addr),
+            pages,
+            zero: zero_run,
+            region: dest.region_of(addr / PAGE as u64),
+        });
+    }
+    if data * PAGE as u64 != data_len {
+        return Err(MigrationError::InvalidFrame { what: "data length disagrees with the runs", offset: at });
+    }
+    Ok((data, zero))
 }
 
-impl<R: Read> ReadVolatile for Bounce<'_, R> {
-    fn read_volatile<S: BitmapSlice>(
-        &mut self,
-        buf: &VolatileSlice<'_, S>,
-    ) -> crate::volatile::Result<usize> {
-        let n = buf.len().min(self.buf.len());
-        let got = loop {
-            match self.stream.read(&mut self.buf[..n]) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                other => break other?,
-            }
-        };
-        // `got <= n`: `Read` returns at most the buffer's length (a broken reader that claims
-        // more is capped rather than trusted).
-        buf.copy_from(&self.buf[..got.min(n)])
+/// The run's slice of guest memory (checked to lie in one region when it was parsed).
+fn slice<M: GuestMemory + ?Sized>(
+    mem: &M,
+    addr: GuestAddress,
+    len: usize,
+) -> Result<crate::memory::GuestSlice<'_, M>> {
+    mem.get_slice(addr, len).map_err(|source| MigrationError::Memory { addr, len: len as u64, source })
+}
+
+/// Makes a zero run's pages zero: an absent page of trusted memory (`absent` is given for
+/// those) is left alone, as it reads as zero; any other page is read, and written only if it is
+/// not zero already. The whole run is marked dirty and recorded as zero pages.
+fn apply_zero_run<M: GuestMemory + ?Sized>(
+    mem: &M,
+    dest: &Destination,
+    run: &Run,
+    mut absent: Option<&mut AbsentPages<'_>>,
+) -> Result<()> {
+    let len = run.pages as usize * PAGE;
+    let s = slice(mem, run.addr, len)?;
+    let memory_error = |e| MigrationError::Memory {
+        addr: run.addr,
+        len: len as u64,
+        source: GuestMemoryError::from_volatile(run.addr, e),
+    };
+    for off in (0..len).step_by(PAGE) {
+        let page = s.as_ptr().wrapping_add(off);
+        if absent.as_mut().is_some_and(|a| a.is_absent(page as usize)) {
+            continue;
+        }
+        // SAFETY: the page lies in the run's slice, which `mem` keeps mapped while borrowed.
+        if unsafe { page_hash::is_zero_page(page) } {
+            continue;
+        }
+        s.subslice(off, PAGE).and_then(|p| p.fill(0)).map_err(memory_error)?;
     }
+    s.bitmap().mark_dirty(0, len);
+    let table = &dest.tables[run.region];
+    table.set_range(run.addr.0 / PAGE as u64 - table.first_page(), run.pages, page_hash::zero_page_hash());
+    Ok(())
+}
+
+fn io_error_read(source: io::Error) -> MigrationError {
+    MigrationError::Io { op: "reading page data", source }
+}
+
+/// One `read` of the stream, retrying `EINTR`; an error is an I/O error while `op`.
+fn read_some<R: Read>(stream: &mut R, buf: &mut [u8], op: &'static str) -> Result<usize> {
+    loop {
+        match stream.read(buf) {
+            // `Read` returns at most the buffer's length; a broken reader that claims more is
+            // capped rather than trusted.
+            Ok(n) => return Ok(n.min(buf.len())),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(source) => return Err(MigrationError::Io { op, source }),
+        }
+    }
+}
+
+/// `readv(2)` until every byte of `iov` is filled or the stream ends; returns the bytes read.
+///
+/// # Safety
+/// Every iovec must describe memory valid for writes for the duration of the call.
+unsafe fn scatter_all(fd: BorrowedFd<'_>, iov: &mut [libc::iovec]) -> io::Result<usize> {
+    let mut start = 0;
+    let mut total = 0;
+    while start < iov.len() {
+        if iov[start].iov_len == 0 {
+            start += 1;
+            continue;
+        }
+        let rest = &iov[start..iov.len().min(start + sys::fd::IOV_MAX)];
+        // SAFETY: the caller guarantees every iovec is writable for this call; `rest` holds
+        // suffixes of them, advanced within their bounds below.
+        let mut n = sys::retry_eintr(|| unsafe { sys::fd::readv(fd, rest) })?;
+        if n == 0 {
+            break;
+        }
+        total += n;
+        while start < iov.len() && n >= iov[start].iov_len {
+            n -= iov[start].iov_len;
+            start += 1;
+        }
+        if n > 0 {
+            if start == iov.len() {
+                return Err(io::Error::new(io::ErrorKind::InvalidData, "readv read more than asked"));
+            }
+            let v = &mut iov[start];
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+            v.iov_len -= n;
+        }
+    }
+    Ok(total)
 }

@@ -1,21 +1,28 @@
-//! The sending side: guest ranges as pages frames, end-of-round markers, checksums and done.
+//! The sending side: guest ranges as pages frames of data and zero runs, end-of-round
+//! markers, checksums and done.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::Arc;
 
+use super::page_hash::{self, PAGE};
+use super::residency::{self, AbsentPages, Pagemap};
+use super::tables::{Digest, RegionTable, Tables};
 use super::{
-    frame_header, io_error, stream_header, stream_pages, MigrationError, Result, CHECKSUM_ENTRY_LEN,
-    FRAME_CHECKSUMS, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, MAX_FRAME_DATA,
+    frame_header, io_error, stream_header, MigrationError, Result, StreamId, CHECKSUMS_MEMORY,
+    CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_PAGES, MAX_RUNS, RUN_DATA,
+    RUN_LEN, RUN_ZERO,
 };
-use crate::address::{GuestAddress, MemoryRegionAddress};
+use crate::address::GuestAddress;
 use crate::bitmap::{Bitmap, DirtyHarvest};
-use crate::checksum::Checksum;
+use crate::bytes::{put_le_u32, put_le_u64};
 use crate::memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap};
 use crate::region::GuestMemoryRegion;
 use crate::sys;
 
-/// Pieces (frame headers and guest slices) one `writev(2)` gathers at most.
-const BATCH_IOVECS: usize = 64;
+/// Data bytes the sender puts in one pages frame: small enough that the pages it hashed are
+/// still in the L2 cache when the kernel copies them onto the stream.
+const FRAME_DATA: usize = 256 << 10;
 
 /// The bounce buffer of the plain-`Write` path.
 const BOUNCE_LEN: usize = 64 << 10;
@@ -25,18 +32,21 @@ const BOUNCE_LEN: usize = 64 << 10;
 pub struct RoundEnd {
     /// The round number (0 for the first).
     pub round: u64,
-    /// Pages sent in it, in [`STREAM_PAGE_SIZE`](super::STREAM_PAGE_SIZE) units.
+    /// Pages the round covered, in [`STREAM_PAGE_SIZE`](super::STREAM_PAGE_SIZE) units: data
+    /// pages and zero pages.
     pub pages: u64,
-    /// Guest bytes sent in it.
+    /// Of those, the pages sent as zero runs (no data on the stream).
+    pub zero_pages: u64,
+    /// Guest bytes the round covered (`pages` × 4096).
     pub bytes: u64,
 }
 
 /// Puts guest memory on a migration stream (see the [module docs](super) for the format).
 ///
 /// Made with [`new_vectored`](Self::new_vectored) on a file descriptor (a socket, a pipe, a
-/// file), frame headers and guest pages leave in one `writev(2)` per batch of up to 64 pieces,
-/// read by the kernel straight from guest memory. Made with [`new`](Self::new) on any other
-/// `Write`, pages are copied through a 64 KiB buffer.
+/// file), a pages frame (header, runs and data) leaves in one `writev(2)`, read by the kernel
+/// straight from guest memory. Made with [`new`](Self::new) on any other `Write`, pages are
+/// copied through a 64 KiB buffer. Pages of zeros go as zero runs, with no data.
 ///
 /// ```
 /// use guestmem::migration::Sender;
@@ -44,26 +54,38 @@ pub struct RoundEnd {
 ///
 /// let mem = GuestMemoryMmap::<AtomicBitmap>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
 /// mem.write_obj(7u8, GuestAddress(0x3000)).unwrap();
+/// mem.write_obj(0u8, GuestAddress(0x5000)).unwrap(); // dirty, but still zero
 /// let mut sender = Sender::new(Vec::new()).unwrap();
-/// assert_eq!(sender.send_dirty(&mem).unwrap(), 1); // the one dirty page
+/// assert_eq!(sender.send_dirty(&mem).unwrap(), 2); // the two dirty pages
 /// let end = sender.end_round().unwrap();
-/// assert_eq!((end.round, end.pages, end.bytes), (0, 1, 4096));
+/// assert_eq!((end.round, end.pages, end.zero_pages, end.bytes), (0, 2, 1, 8192));
 /// let stream = sender.finish(&mem).unwrap();
-/// // Stream header, one pages frame, end of round, checksums (one region), done.
-/// assert_eq!(stream.len(), 16 + (24 + 4096) + 24 + (24 + 24) + 24);
+/// // Stream header, a pages frame (2 runs, 1 page of data), end of round, checksums (one
+/// // region), done.
+/// assert_eq!(stream.len(), 32 + (32 + 2 * 16 + 4096) + 32 + (32 + 32) + 32);
 /// ```
 #[derive(Debug)]
 pub struct Sender<W> {
     stream: W,
     /// How to reach the stream's fd, when it has one: the `writev` path.
     fd: Option<fn(&W) -> BorrowedFd<'_>>,
+    id: StreamId,
     round: u64,
     round_pages: u64,
-    round_bytes: u64,
+    round_zero_pages: u64,
     stream_bytes: u64,
+    verify_memory: bool,
     bounce: Vec<u8>,
     /// The ranges of the last harvest, kept to put them back if the send fails.
     ranges: Vec<(GuestAddress, u64)>,
+    /// The hash of every page's last sent contents.
+    tables: Arc<Tables>,
+    /// `/proc/self/pagemap`, once a send needed it (`None` inside: not available).
+    pagemap: Option<Option<Arc<Pagemap>>>,
+    /// Regions (host address, length) whose absent pages read as zero, or not: found out once
+    /// per region and sender.
+    trusted: Vec<(usize, usize, Trust)>,
+    batch: Batch,
 }
 
 impl<W: Write + AsFd> Sender<W> {
@@ -72,31 +94,52 @@ impl<W: Write + AsFd> Sender<W> {
     /// `UnixStream`, `File`, `ChildStdin`, ...): bytes are written to the fd, not through
     /// `Write`.
     pub fn new_vectored(stream: W) -> Result<Self> {
-        let mut s = Self::with_path(stream, Some(<W as AsFd>::as_fd));
-        s.write_all(&stream_header(), "writing the stream header")?;
-        Ok(s)
+        Self::with_id(stream, Some(<W as AsFd>::as_fd), StreamId::single(), Arc::default())
     }
 }
 
 impl<W: Write> Sender<W> {
     /// A sender on any `Write`: writes the stream header; pages go through a bounce buffer.
     pub fn new(stream: W) -> Result<Self> {
-        let mut s = Self::with_path(stream, None);
-        s.write_all(&stream_header(), "writing the stream header")?;
+        Self::with_id(stream, None, StreamId::single(), Arc::default())
+    }
+
+    /// A sender for stream `id` of a migration whose sent pages are recorded in `tables`.
+    pub(super) fn with_id(
+        stream: W,
+        fd: Option<fn(&W) -> BorrowedFd<'_>>,
+        id: StreamId,
+        tables: Arc<Tables>,
+    ) -> Result<Self> {
+        let mut s = Sender {
+            stream,
+            fd,
+            id,
+            round: 0,
+            round_pages: 0,
+            round_zero_pages: 0,
+            stream_bytes: 0,
+            verify_memory: false,
+            bounce: Vec::new(),
+            ranges: Vec::new(),
+            tables,
+            pagemap: None,
+            trusted: Vec::new(),
+            batch: Batch::new(),
+        };
+        s.write_all(&stream_header(id), "writing the stream header")?;
         Ok(s)
     }
 
-    fn with_path(stream: W, fd: Option<fn(&W) -> BorrowedFd<'_>>) -> Self {
-        Sender {
-            stream,
-            fd,
-            round: 0,
-            round_pages: 0,
-            round_bytes: 0,
-            stream_bytes: 0,
-            bounce: Vec::new(),
-            ranges: Vec::new(),
-        }
+    /// Also verify every region's full contents at the end: [`finish`](Self::finish) reads
+    /// all of the (paused) source memory and sends a digest of it, which the receiver
+    /// compares with a digest of its own memory. This catches what the stream cannot see (a
+    /// write that dirty tracking missed), for the price of reading all of memory once more at
+    /// both ends, in parallel. Off by default.
+    #[must_use]
+    pub fn verify_memory(mut self, on: bool) -> Self {
+        self.verify_memory = on;
+        self
     }
 
     /// The round now being sent (0 until the first [`end_round`](Self::end_round)).
@@ -120,10 +163,11 @@ impl<W: Write> Sender<W> {
         self.stream
     }
 
-    /// Sends the guest ranges `ranges` (`(start, length)`; empty ones are skipped, wherever
-    /// they point) as pages frames of at most [`MAX_FRAME_DATA`] bytes. Every non-empty range
-    /// is checked to lie in `mem` first: an invalid list sends nothing. Returns the guest
-    /// bytes sent.
+    /// Sends the guest ranges `ranges` (`(start, length)`, rounded out to whole 4 KiB pages;
+    /// empty ones are skipped, wherever they point): data pages as data, pages of zeros as
+    /// zero runs. Every non-empty range is checked to lie in `mem` first, and every region of
+    /// `mem` to start and end on a 4 KiB page: an invalid list sends nothing. Returns the guest
+    /// bytes sent (whole pages).
     ///
     /// ```
     /// use guestmem::migration::Sender;
@@ -131,6 +175,8 @@ impl<W: Write> Sender<W> {
     /// let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x10000)]).unwrap();
     /// let mut sender = Sender::new(Vec::new()).unwrap();
     /// assert_eq!(sender.send_ranges(&mem, &[(GuestAddress(0x1000), 0x2000)]).unwrap(), 0x2000);
+    /// // 16 bytes from 0x1ff8 are on two pages.
+    /// assert_eq!(sender.send_ranges(&mem, &[(GuestAddress(0x1ff8), 16)]).unwrap(), 0x2000);
     /// assert!(sender.send_ranges(&mem, &[(GuestAddress(0xf000), 0x2000)]).is_err());
     /// // An empty range is skipped, even at an address without memory.
     /// assert_eq!(sender.send_ranges(&mem, &[(GuestAddress(1 << 40), 0)]).unwrap(), 0);
@@ -140,38 +186,39 @@ impl<W: Write> Sender<W> {
         mem: &M,
         ranges: &[(GuestAddress, u64)],
     ) -> Result<u64> {
+        check_regions(mem)?;
         // An empty range sends nothing, so its address needs no memory behind it.
         for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
-            let n = usize::try_from(len).map_err(|_| MigrationError::Memory {
-                addr,
-                len,
-                source: GuestMemoryError::Overflow { addr, len: usize::MAX },
-            })?;
-            mem.check_access(addr, n, false).map_err(|source| MigrationError::Memory {
+            let (start, n) = page_range(addr, len)?;
+            mem.check_access(start, n, false).map_err(|source| MigrationError::Memory {
                 addr,
                 len,
                 source,
             })?;
         }
-        let before = self.round_bytes;
-        match self.fd {
-            Some(fd) => self.send_vectored(mem, fd, ranges)?,
-            None => {
-                for &(addr, len) in ranges {
-                    self.send_copied(mem, addr, len)?;
-                }
+        let tables = self.tables.for_memory(mem);
+        let before = self.round_pages;
+        for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
+            let (start, n) = page_range(addr, len)?;
+            let mut at = start;
+            for slice in mem.get_slices(start, n) {
+                let slice = slice.map_err(|source| MigrationError::Memory { addr, len, source })?;
+                let page = at.0 / PAGE as u64;
+                let r = tables.partition_point(|t| t.first_page() <= page) - 1;
+                let region = mem.iter().nth(r).expect("one table per region");
+                let key = (region.host_ptr() as usize, region.len() as usize);
+                self.send_piece(mem, &tables, at, slice.as_ptr(), slice.len() / PAGE, r, key)?;
+                at = GuestAddress(at.0 + slice.len() as u64);
             }
         }
-        Ok(self.round_bytes - before)
+        self.flush(mem, &tables)?;
+        Ok((self.round_pages - before) * PAGE as u64)
     }
 
     /// Sends every region of `mem` whole (round 0 of a pre-copy). Returns the guest bytes sent.
     pub fn send_all<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<u64> {
-        let mut sent = 0;
-        for region in mem.iter() {
-            sent += self.send_ranges(mem, &[(region.start_addr(), region.len())])?;
-        }
-        Ok(sent)
+        let ranges: Vec<(GuestAddress, u64)> = mem.iter().map(|r| (r.start_addr(), r.len())).collect();
+        self.send_ranges(mem, &ranges)
     }
 
     /// Harvests `mem`'s dirty pages ([`GuestMemoryMmap::take_dirty_ranges`]: taken and
@@ -200,41 +247,96 @@ impl<W: Write> Sender<W> {
         result
     }
 
-    /// Closes the current round with an end-of-round frame (its number and page count) and
+    /// Closes the current round with an end-of-round frame (its number and page counts) and
     /// starts the next. Returns what the round held.
     pub fn end_round(&mut self) -> Result<RoundEnd> {
-        let end = RoundEnd { round: self.round, pages: self.round_pages, bytes: self.round_bytes };
+        let end = RoundEnd {
+            round: self.round,
+            pages: self.round_pages,
+            zero_pages: self.round_zero_pages,
+            bytes: self.round_pages * PAGE as u64,
+        };
+        let data_pages = end.pages - end.zero_pages;
         self.write_all(
-            &frame_header(FRAME_END_OF_ROUND, end.round, end.pages),
+            &frame_header(FRAME_END_OF_ROUND, end.round, data_pages, end.zero_pages),
             "writing an end-of-round frame",
         )?;
         self.round += 1;
         self.round_pages = 0;
-        self.round_bytes = 0;
+        self.round_zero_pages = 0;
         Ok(end)
     }
 
-    /// Ends the stream: the checksum of every region of `mem` (read now: the source must be
-    /// paused, or the checksums describe no single moment), then done. Flushes and returns
-    /// the stream.
+    /// Ends the stream: the digest of every region of `mem` (of the pages sent; with
+    /// [`verify_memory`](Self::verify_memory) also of its contents, read now: the source must
+    /// be paused, or they describe no single moment), then done. Flushes and returns the
+    /// stream.
     pub fn finish<M: GuestMemory + ?Sized>(mut self, mem: &M) -> Result<W> {
-        let count = mem.num_regions() as u64;
-        self.write_all(&frame_header(FRAME_CHECKSUMS, count, 0), "writing the checksums frame")?;
-        for region in mem.iter() {
-            let sum = region_checksum(region).map_err(|source| MigrationError::Memory {
-                addr: region.start_addr(),
-                len: region.len(),
-                source,
-            })?;
-            let mut entry = [0u8; CHECKSUM_ENTRY_LEN];
-            entry[..8].copy_from_slice(&region.start_addr().0.to_le_bytes());
-            entry[8..16].copy_from_slice(&region.len().to_le_bytes());
-            entry[16..].copy_from_slice(&sum.to_le_bytes());
-            self.write_all(&entry, "writing the checksums frame")?;
+        if self.id.index == 0 {
+            self.send_checksums(mem)?;
         }
-        self.write_all(&frame_header(FRAME_DONE, 0, 0), "writing the done frame")?;
+        self.write_all(&frame_header(FRAME_DONE, 0, 0, 0), "writing the done frame")?;
         self.stream.flush().map_err(io_error("flushing the stream"))?;
         Ok(self.stream)
+    }
+
+    /// The checksums frame: its header first, so that the receiver computes its memory
+    /// digests while this side computes its own.
+    fn send_checksums<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<()> {
+        check_regions(mem)?;
+        let count = mem.num_regions() as u64;
+        let flags = if self.verify_memory { CHECKSUMS_MEMORY } else { 0 };
+        self.write_all(&frame_header(FRAME_CHECKSUMS, count, flags, 0), "writing the checksums frame")?;
+        let tables = self.tables.for_memory(mem);
+        let mut entries = Vec::new();
+        for (region, table) in mem.iter().zip(&tables) {
+            let memory = if self.verify_memory {
+                let pagemap = self.pagemap();
+                let key = (region.host_ptr() as usize, region.len() as usize);
+                // The source is paused: whether it is trusted is asked now, whatever it costs.
+                let trust = self.trust(key) != Trust::No && self.confirm(key);
+                memory_digest(region, pagemap.as_deref().filter(|_| trust))?
+            } else {
+                0
+            };
+            let mut entry = [0u8; CHECKSUM_ENTRY_LEN];
+            put_le_u64(&mut entry, 0, region.start_addr().0);
+            put_le_u64(&mut entry, 8, region.len());
+            put_le_u64(&mut entry, 16, table.digest());
+            put_le_u64(&mut entry, 24, memory);
+            entries.extend_from_slice(&entry);
+        }
+        self.write_all(&entries, "writing the checksums frame")
+    }
+
+    fn pagemap(&mut self) -> Option<Arc<Pagemap>> {
+        self.pagemap.get_or_insert_with(|| Pagemap::open().map(Arc::new)).clone()
+    }
+
+    /// Whether the absent pages of the region `(host, len)` read as zero (see `residency`), as
+    /// far as is known.
+    fn trust(&mut self, key: (usize, usize)) -> Trust {
+        if let Some(&(_, _, t)) = self.trusted.iter().find(|&&(h, l, _)| (h, l) == key) {
+            return t;
+        }
+        let t = if self.pagemap().is_some() && residency::private_anonymous(key.0 as *const u8, key.1) {
+            Trust::Maps
+        } else {
+            Trust::No
+        };
+        self.trusted.push((key.0, key.1, t));
+        t
+    }
+
+    /// Settles whether a region that maps as private anonymous memory is trusted: asks about
+    /// userfaultfd (once). Returns the answer.
+    fn confirm(&mut self, key: (usize, usize)) -> bool {
+        let Some(entry) = self.trusted.iter_mut().find(|e| (e.0, e.1) == key) else { return false };
+        if entry.2 == Trust::Maps {
+            entry.2 =
+                if residency::not_userfaultfd(key.0 as *const u8, key.1) { Trust::Yes } else { Trust::No };
+        }
+        entry.2 == Trust::Yes
     }
 
     fn write_all(&mut self, bytes: &[u8], op: &'static str) -> Result<()> {
@@ -251,165 +353,303 @@ impl<W: Write> Sender<W> {
         Ok(())
     }
 
-    /// Counts a pages frame of `len` bytes into the round.
-    fn count_frame(&mut self, len: u64) {
-        self.round_pages += stream_pages(len);
-        self.round_bytes += len;
-        self.stream_bytes += FRAME_HEADER_LEN as u64 + len;
-    }
-
-    /// The plain-`Write` path: each frame's header, then its bytes through the bounce buffer.
-    fn send_copied<M: GuestMemory + ?Sized>(&mut self, mem: &M, addr: GuestAddress, len: u64) -> Result<()> {
-        if self.bounce.is_empty() {
-            self.bounce = vec![0; BOUNCE_LEN];
-        }
-        for (at, n) in frames(addr, len) {
-            self.stream
-                .write_all(&frame_header(FRAME_PAGES, at.0, n))
-                .map_err(io_error("writing a pages frame"))?;
-            for s in mem.get_slices(at, n as usize) {
-                let s = s.map_err(|source| MigrationError::Memory { addr: at, len: n, source })?;
-                let mut done = 0;
-                while done < s.len() {
-                    let k = (s.len() - done).min(BOUNCE_LEN);
-                    let part = s.subslice(done, k).map_err(|e| MigrationError::Memory {
-                        addr: at,
-                        len: n,
-                        source: GuestMemoryError::from_volatile(at, e),
-                    })?;
-                    part.copy_to(&mut self.bounce[..k]);
-                    self.stream.write_all(&self.bounce[..k]).map_err(io_error("writing page data"))?;
-                    done += k;
+    /// Scans `pages` pages of region `r` (`key`: its host address and length) from guest
+    /// address `at` (host address `host`) and adds each to the frame being built, as data or as
+    /// zero. An absent page of trusted memory (see `residency`) is zero without being read; any
+    /// other page is read up to its first non-zero bytes. Zero pages are recorded in the
+    /// region's table now, data pages once they are on the stream (see [`flush`](Self::flush)).
+    #[allow(clippy::too_many_arguments)]
+    fn send_piece<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        tables: &[Arc<RegionTable>],
+        at: GuestAddress,
+        host: *const u8,
+        pages: usize,
+        r: usize,
+        key: (usize, usize),
+    ) -> Result<()> {
+        let zero_hash = page_hash::zero_page_hash();
+        let table = &tables[r];
+        let first = at.0 / PAGE as u64 - table.first_page();
+        let mut trust = self.trust(key);
+        let pagemap = if trust != Trust::No { self.pagemap() } else { None };
+        let mut absent = pagemap.as_deref().map(AbsentPages::new);
+        self.batch.new_run = true;
+        for i in 0..pages {
+            let page = host.wrapping_add(i * PAGE);
+            let mut known_zero = absent.as_mut().is_some_and(|a| a.is_absent(page as usize));
+            if known_zero && trust == Trust::Maps {
+                // The first absent page: now it is worth asking about userfaultfd.
+                trust = if self.confirm(key) { Trust::Yes } else { Trust::No };
+                if trust == Trust::No {
+                    (known_zero, absent) = (false, None);
                 }
             }
-            self.count_frame(n);
+            // SAFETY: the page lies in the slice of guest memory the caller got from `mem`
+            // (`pages` whole pages from `host`), which `mem` keeps mapped while borrowed.
+            let zero = known_zero || unsafe { page_hash::is_zero_page(page) };
+            if zero {
+                table.set(first + i as u64, zero_hash);
+            }
+            let addr = GuestAddress(at.0 + (i * PAGE) as u64);
+            if !self.batch.push(addr, zero, r) {
+                self.flush(mem, tables)?;
+                let pushed = self.batch.push(addr, zero, r);
+                debug_assert!(pushed);
+            }
+            self.round_pages += 1;
+            self.round_zero_pages += u64::from(zero);
         }
         Ok(())
     }
 
-    /// The fd path: headers and guest slices gathered into batches of [`BATCH_IOVECS`]
-    /// pieces, each batch one `writev(2)` (more if the kernel takes it in parts).
-    fn send_vectored<M: GuestMemory + ?Sized>(
-        &mut self,
-        mem: &M,
-        fd: fn(&W) -> BorrowedFd<'_>,
-        ranges: &[(GuestAddress, u64)],
-    ) -> Result<()> {
-        let mut batch = Batch::new();
-        for &(addr, len) in ranges {
-            for (at, n) in frames(addr, len) {
-                if batch.is_full() {
-                    batch.flush(fd(&self.stream))?;
+    /// Writes the frame being built, if it has runs, then records the hash of each of its data
+    /// pages in `tables` (the tables of the memory, indexed as the runs say). The pages are
+    /// hashed right after the kernel copied them, while they are in cache. A page written in
+    /// between may hash differently from what went on the stream: it is dirty, so a later round
+    /// sends it again, and the tables agree once the source is paused.
+    fn flush<M: GuestMemory + ?Sized>(&mut self, mem: &M, tables: &[Arc<RegionTable>]) -> Result<()> {
+        let n = self.batch.runs.len();
+        if n == 0 {
+            return Ok(());
+        }
+        let header = frame_header(FRAME_PAGES, n as u64, self.batch.data_bytes as u64, 0);
+        let runs_len = n * RUN_LEN;
+        self.batch.encode_runs();
+        let data_len = self.batch.data_bytes;
+        let run_slice = |run: &Run| {
+            let len = run.pages as usize * PAGE;
+            mem.get_slice(run.addr, len).map_err(|source| MigrationError::Memory {
+                addr: run.addr,
+                len: len as u64,
+                source,
+            })
+        };
+        match self.fd {
+            Some(fd) => {
+                let mut iov = Vec::with_capacity(n + 2);
+                iov.push(libc::iovec { iov_base: header.as_ptr() as *mut _, iov_len: header.len() });
+                iov.push(libc::iovec { iov_base: self.batch.encoded.as_ptr() as *mut _, iov_len: runs_len });
+                for run in self.batch.runs.iter().filter(|r| !r.zero) {
+                    iov.push(run_slice(run)?.as_iovec());
                 }
-                batch.push_header(frame_header(FRAME_PAGES, at.0, n));
-                for s in mem.get_slices(at, n as usize) {
-                    let s = s.map_err(|source| MigrationError::Memory { addr: at, len: n, source })?;
-                    if batch.is_full() {
-                        batch.flush(fd(&self.stream))?;
+                // SAFETY: the first two iovecs describe `header` and the encoded runs, not
+                // touched until the call returns; the others describe slices of guest memory
+                // that `mem`, borrowed for the call, keeps mapped, and which `writev` only
+                // reads.
+                unsafe { writev_all(fd(&self.stream), &mut iov) }
+                    .map_err(io_error("writing pages frames"))?;
+            }
+            None => {
+                self.stream.write_all(&header).map_err(io_error("writing a pages frame"))?;
+                self.stream
+                    .write_all(&self.batch.encoded[..runs_len])
+                    .map_err(io_error("writing a pages frame"))?;
+                if self.bounce.is_empty() {
+                    self.bounce = vec![0; BOUNCE_LEN];
+                }
+                for run in self.batch.runs.iter().filter(|r| !r.zero) {
+                    let s = run_slice(run)?;
+                    let mut done = 0;
+                    while done < s.len() {
+                        let k = (s.len() - done).min(BOUNCE_LEN);
+                        let part = s.subslice(done, k).map_err(|e| MigrationError::Memory {
+                            addr: run.addr,
+                            len: s.len() as u64,
+                            source: GuestMemoryError::from_volatile(run.addr, e),
+                        })?;
+                        part.copy_to(&mut self.bounce[..k]);
+                        self.stream.write_all(&self.bounce[..k]).map_err(io_error("writing page data"))?;
+                        done += k;
                     }
-                    batch.push_guest(s.as_iovec());
                 }
-                self.count_frame(n);
             }
         }
-        batch.flush(fd(&self.stream))
+        self.stream_bytes += (header.len() + runs_len + data_len) as u64;
+        for run in self.batch.runs.iter().filter(|r| !r.zero) {
+            let s = run_slice(run)?;
+            let table = &tables[run.table];
+            let first = run.addr.0 / PAGE as u64 - table.first_page();
+            for p in 0..run.pages as usize {
+                // SAFETY: page `p` lies in the run's slice of guest memory, which `mem` keeps
+                // mapped while borrowed.
+                let hash = unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) };
+                table.set(first + p as u64, hash);
+            }
+        }
+        self.batch.clear();
+        Ok(())
     }
 }
 
-/// The frames of a range: `(start, length)` pieces of at most [`MAX_FRAME_DATA`] bytes.
-fn frames(addr: GuestAddress, len: u64) -> impl Iterator<Item = (GuestAddress, u64)> {
-    let count = len.div_ceil(MAX_FRAME_DATA);
-    (0..count).map(move |i| {
-        let off = i * MAX_FRAME_DATA;
-        (GuestAddress(addr.0 + off), (len - off).min(MAX_FRAME_DATA))
-    })
-}
-
-/// The checksum of a region's full contents.
-pub(super) fn region_checksum<R: GuestMemoryRegion + ?Sized>(
+/// The digest of a region's contents now: every page's hash (see `page_hash`). With
+/// `pagemap` (the region is trusted, see `residency`), absent pages count as zero pages
+/// without being read.
+pub(super) fn memory_digest<R: GuestMemoryRegion + ?Sized>(
     region: &R,
-) -> std::result::Result<u64, GuestMemoryError> {
-    let len = usize::try_from(region.len())
-        .map_err(|_| GuestMemoryError::Overflow { addr: region.start_addr(), len: usize::MAX })?;
-    let slice = region.get_slice(MemoryRegionAddress(0), len)?;
-    let mut sum = Checksum::new();
-    sum.update_volatile(&slice);
-    Ok(sum.finish())
+    pagemap: Option<&Pagemap>,
+) -> Result<u64> {
+    let (start, len) = (region.start_addr(), region.len());
+    let n = usize::try_from(len).map_err(|_| MigrationError::Memory {
+        addr: start,
+        len,
+        source: GuestMemoryError::Overflow { addr: start, len: usize::MAX },
+    })?;
+    let slice = region
+        .get_slice(crate::address::MemoryRegionAddress(0), n)
+        .map_err(|source| MigrationError::Memory { addr: start, len, source })?;
+    let host = slice.as_ptr();
+    let mut absent = pagemap.map(AbsentPages::new);
+    let zero_hash = page_hash::zero_page_hash();
+    let first_page = start.0 / PAGE as u64;
+    let mut digest = Digest::default();
+    for i in 0..n / PAGE {
+        let page = host.wrapping_add(i * PAGE);
+        let hash = if absent.as_mut().is_some_and(|a| a.is_absent(page as usize)) {
+            zero_hash
+        } else {
+            // SAFETY: the page lies in the region's slice, which `region` keeps mapped while
+            // borrowed.
+            unsafe { page_hash::hash_page(page) }
+        };
+        digest.add(first_page + i as u64, hash);
+    }
+    Ok(digest.finish())
 }
 
-/// One piece of a batch: a frame header (index into the batch's headers) or guest bytes.
-#[derive(Clone, Copy)]
-enum Piece {
-    Header(usize),
-    Guest(libc::iovec),
+/// The whole pages holding `[addr, addr + len)` (`len > 0`): their first address and length.
+fn page_range(addr: GuestAddress, len: u64) -> Result<(GuestAddress, usize)> {
+    let overflow = || MigrationError::Memory {
+        addr,
+        len,
+        source: GuestMemoryError::Overflow { addr, len: usize::try_from(len).unwrap_or(usize::MAX) },
+    };
+    let start = addr.0 & !(PAGE as u64 - 1);
+    let end =
+        addr.0.checked_add(len).and_then(|e| e.checked_next_multiple_of(PAGE as u64)).ok_or_else(overflow)?;
+    let n = usize::try_from(end - start).map_err(|_| overflow())?;
+    Ok((GuestAddress(start), n))
 }
 
-/// Frame headers and guest slices waiting for one `writev(2)`.
+/// Every region of `mem` starts and ends on a stream page, or the stream cannot carry it.
+pub(super) fn check_regions<M: GuestMemory + ?Sized>(mem: &M) -> Result<()> {
+    for r in mem.iter() {
+        if !r.start_addr().0.is_multiple_of(PAGE as u64) || !r.len().is_multiple_of(PAGE as u64) {
+            return Err(MigrationError::Memory {
+                addr: r.start_addr(),
+                len: r.len(),
+                source: GuestMemoryError::UnalignedRegion { base: r.start_addr(), align: PAGE as u64 },
+            });
+        }
+    }
+    Ok(())
+}
+
+/// What a sender knows of a region's absent pages (see `residency`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Trust {
+    /// They may hold data: read every page.
+    No,
+    /// Private anonymous memory; not yet asked about userfaultfd.
+    Maps,
+    /// They read as zero.
+    Yes,
+}
+
+/// One run of the frame being built.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    addr: GuestAddress,
+    pages: u32,
+    zero: bool,
+    /// The index of its region's table.
+    table: usize,
+}
+
+/// The pages frame being built: its runs, then encoded for the stream.
+#[derive(Debug)]
 struct Batch {
-    headers: [[u8; FRAME_HEADER_LEN]; BATCH_IOVECS],
-    pieces: [Piece; BATCH_IOVECS],
-    count: usize,
-    header_count: usize,
+    runs: Vec<Run>,
+    data_bytes: usize,
+    /// The next page starts a run of its own (a new piece of memory: runs never cross regions).
+    new_run: bool,
+    encoded: Box<[u8]>,
 }
 
 impl Batch {
     fn new() -> Self {
         Batch {
-            headers: [[0; FRAME_HEADER_LEN]; BATCH_IOVECS],
-            pieces: [Piece::Header(0); BATCH_IOVECS],
-            count: 0,
-            header_count: 0,
+            runs: Vec::with_capacity(MAX_RUNS),
+            data_bytes: 0,
+            new_run: true,
+            encoded: vec![0; MAX_RUNS * RUN_LEN].into_boxed_slice(),
         }
     }
 
-    fn is_full(&self) -> bool {
-        self.count == BATCH_IOVECS
+    /// Adds the page at `addr` (of the region whose table is `table`); `false` if the frame is
+    /// full (flush, then push again).
+    fn push(&mut self, addr: GuestAddress, zero: bool, table: usize) -> bool {
+        if !zero && self.data_bytes + PAGE > FRAME_DATA {
+            return false;
+        }
+        let extend = !self.new_run
+            && self.runs.last().is_some_and(|r| {
+                r.zero == zero && r.pages < u32::MAX && r.addr.0 + u64::from(r.pages) * PAGE as u64 == addr.0
+            });
+        if extend {
+            if let Some(r) = self.runs.last_mut() {
+                r.pages += 1;
+            }
+        } else {
+            // Runs of a frame go up in address order: a page below the last run's end starts
+            // a new frame.
+            let below =
+                self.runs.last().is_some_and(|r| addr.0 < r.addr.0 + u64::from(r.pages) * PAGE as u64);
+            if self.runs.len() == MAX_RUNS || below {
+                return false;
+            }
+            self.runs.push(Run { addr, pages: 1, zero, table });
+            self.new_run = false;
+        }
+        if !zero {
+            self.data_bytes += PAGE;
+        }
+        true
     }
 
-    fn push_header(&mut self, header: [u8; FRAME_HEADER_LEN]) {
-        self.headers[self.header_count] = header;
-        self.pieces[self.count] = Piece::Header(self.header_count);
-        self.header_count += 1;
-        self.count += 1;
+    #[cfg(test)]
+    fn push_test(&mut self, addr: GuestAddress, zero: bool) -> bool {
+        self.push(addr, zero, 0)
     }
 
-    fn push_guest(&mut self, iov: libc::iovec) {
-        if iov.iov_len > 0 {
-            self.pieces[self.count] = Piece::Guest(iov);
-            self.count += 1;
+    fn encode_runs(&mut self) {
+        for (run, out) in self.runs.iter().zip(self.encoded.chunks_exact_mut(RUN_LEN)) {
+            put_le_u64(out, 0, run.addr.0);
+            put_le_u32(out, 8, run.pages);
+            put_le_u32(out, 12, if run.zero { RUN_ZERO } else { RUN_DATA });
         }
     }
 
-    /// Writes every piece with `writev(2)` and empties the batch. The guest pieces must still
-    /// point into mapped guest memory: callers flush before their borrow of the memory ends.
-    fn flush(&mut self, fd: BorrowedFd<'_>) -> Result<()> {
-        let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; BATCH_IOVECS];
-        for (slot, piece) in iov.iter_mut().zip(&self.pieces[..self.count]) {
-            *slot = match *piece {
-                Piece::Header(i) => {
-                    libc::iovec { iov_base: self.headers[i].as_ptr() as *mut _, iov_len: FRAME_HEADER_LEN }
-                }
-                Piece::Guest(g) => g,
-            };
-        }
-        let n = self.count;
-        self.count = 0;
-        self.header_count = 0;
-        // SAFETY: header iovecs describe `self.headers`, not written until the call returns;
-        // guest iovecs describe slices of guest memory the caller still borrows (so mapped),
-        // which `writev` only reads.
-        unsafe { writev_all(fd, &mut iov[..n]) }.map_err(io_error("writing pages frames"))
+    fn clear(&mut self) {
+        self.runs.clear();
+        self.data_bytes = 0;
+        self.new_run = true;
     }
 }
 
-/// `writev(2)` until every byte of `iov` is written (advancing through partial writes).
+/// `writev(2)` until every byte of `iov` is written (advancing through partial writes, and
+/// through more iovecs than one call takes).
 ///
 /// # Safety
 /// Every iovec must describe memory valid for reads for the duration of the call.
 unsafe fn writev_all(fd: BorrowedFd<'_>, iov: &mut [libc::iovec]) -> io::Result<()> {
-    // SAFETY: the caller guarantees every iovec is readable for this call; `gather_all` only
-    // hands `writev` suffixes of them, advanced within their bounds.
-    gather_all(iov, |rest| sys::retry_eintr(|| unsafe { sys::fd::writev(fd, rest) }))
+    gather_all(iov, |rest| {
+        let rest = &rest[..rest.len().min(sys::fd::IOV_MAX)];
+        // SAFETY: the caller guarantees every iovec is readable for this call; `gather_all`
+        // only hands `writev` suffixes of them, advanced within their bounds.
+        sys::retry_eintr(|| unsafe { sys::fd::writev(fd, rest) })
+    })
 }
 
 /// Calls `write` (a `writev`-like call) until every byte of `iov` is written: after a partial
@@ -498,17 +738,33 @@ mod tests {
     }
 
     #[test]
-    fn frames_split_long_ranges() {
-        let f: Vec<_> = frames(GuestAddress(0x1000), 2 * MAX_FRAME_DATA + 5).collect();
-        assert_eq!(
-            f,
-            vec![
-                (GuestAddress(0x1000), MAX_FRAME_DATA),
-                (GuestAddress(0x1000 + MAX_FRAME_DATA), MAX_FRAME_DATA),
-                (GuestAddress(0x1000 + 2 * MAX_FRAME_DATA), 5)
-            ]
-        );
-        assert_eq!(frames(GuestAddress(0), 0).count(), 0);
-        assert_eq!(frames(GuestAddress(0), MAX_FRAME_DATA).count(), 1);
+    fn batches_merge_runs_and_split_frames() {
+        let mut b = Batch::new();
+        let page = |p: u64| GuestAddress(p * PAGE as u64);
+        // Contiguous pages of one kind merge; a change of kind or a gap starts a run.
+        for (p, zero) in [(0, false), (1, false), (2, true), (3, true), (5, true), (6, false)] {
+            assert!(b.push_test(page(p), zero));
+        }
+        let runs: Vec<_> = b.runs.iter().map(|r| (r.addr.0 / PAGE as u64, r.pages, r.zero)).collect();
+        assert_eq!(runs, [(0, 2, false), (2, 2, true), (5, 1, true), (6, 1, false)]);
+        assert_eq!(b.data_bytes, 3 * PAGE);
+        // A new piece never extends the last run; a page below the last run needs a new frame.
+        b.new_run = true;
+        assert!(b.push_test(page(7), false));
+        assert_eq!(b.runs.len(), 5);
+        assert!(!b.push_test(page(1), true));
+        // The data limit, and the run limit.
+        b.clear();
+        for p in 0..(FRAME_DATA / PAGE) as u64 {
+            assert!(b.push_test(page(p), false));
+        }
+        assert!(!b.push_test(page(1 << 20), false));
+        assert!(b.push_test(page(1 << 20), true), "zero pages carry no data");
+        b.clear();
+        for p in 0..MAX_RUNS as u64 {
+            assert!(b.push_test(page(2 * p), true));
+        }
+        assert!(!b.push_test(page(2 * MAX_RUNS as u64), true));
+        assert!(b.push_test(page(2 * MAX_RUNS as u64 - 1), true), "extending the last run is fine");
     }
 }
