@@ -15,8 +15,15 @@
 //! written there too. Each case runs `GUESTMEM_BENCH_REPS` (5) alternating repetitions of raw
 //! and guestmem; the table gives medians and the ratio guestmem / raw.
 //!
+//! Then, on the same memory (every page data): the stream spread over 1, 2 and 4 connections
+//! of each transport (`MultiSender`/`MultiReceiver`, the source and destination each on one
+//! thread per stream), and local migration (`migration::local`) of 1 GiB of memfd memory in 1
+//! and in 16 regions, end to end (description sent, descriptors checked and mapped, memory
+//! built, acknowledgement back), with the destination's contents compared after each run.
+//!
 //! ```text
-//! cargo bench --bench migration
+//! cargo bench --bench migration                     # all of it
+//! cargo bench --bench migration -- "Unix socket"    # the cases whose name has the text
 //! ```
 
 use std::io::{Read, Write};
@@ -26,8 +33,10 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use guestmem::bitmap::AtomicBitmap;
-use guestmem::migration::{Receiver, Sender};
-use guestmem::{sys, GuestAddress, GuestMemory, GuestMemoryMmap};
+use guestmem::migration::local::{self, ReceiveOptions};
+use guestmem::migration::{MultiReceiver, MultiSender, Receiver, Sender};
+use guestmem::mmap::{Backing, MemfdOptions, MmapRegionBuilder};
+use guestmem::{sys, GuestAddress, GuestMemory, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
 
 type Mem = GuestMemoryMmap<AtomicBitmap>;
 
@@ -172,6 +181,58 @@ fn guestmem(transport: Transport, listener: &TcpListener, src: &Mem, dst: &Mem) 
     start.elapsed()
 }
 
+/// `guestmem` over `n` connections.
+fn guestmem_streams(
+    n: usize,
+    transport: Transport,
+    listener: &TcpListener,
+    src: &Mem,
+    dst: &Mem,
+) -> Duration {
+    let (tx, rx): (Vec<_>, Vec<_>) = (0..n).map(|_| connect(transport, listener)).unzip();
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            let mut sender = MultiSender::new_vectored(tx).unwrap();
+            sender.send_all(src).unwrap();
+            sender.end_round().unwrap();
+            drop(sender.finish(src).unwrap());
+        });
+        MultiReceiver::new_vectored(rx).receive(dst).unwrap();
+    });
+    start.elapsed()
+}
+
+/// `size` bytes of memfd memory in `regions` regions, filled with data.
+fn memfd_memory(size: usize, regions: usize) -> Mem {
+    let each = size / regions;
+    let regions = (0..regions)
+        .map(|i| {
+            let b = MmapRegionBuilder::new(each).backing(Backing::Memfd(MemfdOptions::new("guest-ram")));
+            GuestRegionMmap::build(b, GuestAddress((i * each) as u64)).unwrap()
+        })
+        .collect();
+    let mem = Mem::from_regions(regions).unwrap();
+    for r in mem.iter() {
+        fill(mem.get_host_address(r.start_addr()).unwrap(), r.len() as usize, Contents::AllData);
+    }
+    mem
+}
+
+/// Local migration of `src`: send on one thread, receive on this one; returns the time from
+/// the start of the send to the sender's return (acknowledged), the destination and the
+/// bytes that went over the socket.
+fn local_once(src: &Mem) -> (Duration, Mem, u64) {
+    let (a, b) = UnixStream::pair().unwrap();
+    let start = Instant::now();
+    let (report, dst) = std::thread::scope(|s| {
+        let receiver = s.spawn(|| local::receive::<AtomicBitmap>(&b, &ReceiveOptions::default()).unwrap());
+        let report = local::send(&a, src).unwrap();
+        (report, receiver.join().unwrap())
+    });
+    (start.elapsed(), dst, report.socket_bytes)
+}
+
 /// The median (the upper one of an even count); zero for none.
 fn median(v: &mut [Duration]) -> Duration {
     v.sort();
@@ -245,6 +306,77 @@ fn main() {
                 ms(g),
                 gbs(g),
                 g.as_secs_f64() / r.as_secs_f64()
+            );
+        }
+    }
+
+    let wanted = |case: &str| filter.is_empty() || filter.iter().any(|f| case.contains(f.as_str()));
+
+    // Several connections, every page data.
+    let cases: Vec<(Transport, usize)> = [Transport::Tcp, Transport::Unix]
+        .into_iter()
+        .flat_map(|t| [1, 2, 4].map(|n| (t, n)))
+        .filter(|(t, n)| wanted(&format!("{}/{n} streams", t.name())))
+        .collect();
+    if !cases.is_empty() {
+        println!();
+        println!(
+            "several streams, every page data: {:18} {:>8} {:>12} {:>8}",
+            "transport", "streams", "guestmem ms", "GB/s"
+        );
+        let src = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let dst = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
+        let (s, d) =
+            (src.get_host_address(GuestAddress(0)).unwrap(), dst.get_host_address(GuestAddress(0)).unwrap());
+        fill(s, size, Contents::AllData);
+        for (transport, n) in cases {
+            let mut t = Vec::new();
+            for _ in 0..reps {
+                stale(d, size);
+                perf("enable\n");
+                t.push(guestmem_streams(n, transport, &listener, &src, &dst));
+                perf("disable\n");
+                assert!(same(s, d, size), "copy over {n} streams differs");
+            }
+            let m = median(&mut t);
+            println!(
+                "                                 {:18} {:>8} {:>12.1} {:>8.2}",
+                transport.name(),
+                n,
+                ms(m),
+                size as f64 / m.as_secs_f64() / 1e9
+            );
+        }
+    }
+
+    // Local migration by descriptors.
+    let cases: Vec<usize> = [1, 16].into_iter().filter(|n| wanted(&format!("local/{n} regions"))).collect();
+    if !cases.is_empty() {
+        println!();
+        println!("local migration of {} MiB of memfd memory (nothing copied):", size >> 20);
+        println!("{:>8} {:>14} {:>12} {:>14}", "regions", "end to end ms", "ms per GiB", "socket bytes");
+        for regions in cases {
+            let src = memfd_memory(size, regions);
+            let (mut t, mut bytes) = (Vec::new(), 0);
+            for _ in 0..reps {
+                perf("enable\n");
+                let (d, dst, b) = local_once(&src);
+                perf("disable\n");
+                t.push(d);
+                bytes = b;
+                // The destination maps the very same memory.
+                for (x, y) in src.iter().zip(dst.iter()) {
+                    let (p, q) = (x.as_ptr(), y.as_ptr());
+                    assert!(same(p, q, x.len() as usize), "local migration: contents differ");
+                }
+            }
+            let m = median(&mut t);
+            println!(
+                "{:>8} {:>14.3} {:>12.3} {:>14}",
+                regions,
+                ms(m),
+                ms(m) / (size as f64 / (1u64 << 30) as f64),
+                bytes
             );
         }
     }

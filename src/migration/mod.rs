@@ -3,7 +3,8 @@
 //! validates every frame and writes the pages into destination memory, [`MultiSender`] and
 //! [`MultiReceiver`] that spread one migration over several connections, [`Precopy`], the
 //! pre-copy round logic (round 0 = all of memory, then rounds of dirty pages until the rest
-//! fits in a downtime budget).
+//! fits in a downtime budget), and [`local`], migration to another process on the same host
+//! by passing the memory's file descriptors instead of its contents.
 //!
 //! # The model
 //!
@@ -115,6 +116,7 @@
 //! assert_eq!(dst.read_obj::<u64>(GuestAddress(0x8000)).unwrap(), 0xbeef);
 //! ```
 
+pub mod local;
 mod multi;
 mod page_hash;
 mod precopy;
