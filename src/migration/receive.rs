@@ -242,6 +242,9 @@ impl<R: Read> Receiver<R> {
             ("pages, end-of-round or done", "done")
         };
         let mut runs = Vec::with_capacity(MAX_RUNS);
+        // Pagemap lookups for zero runs, kept from frame to frame so that resident memory is
+        // looked up less and less often.
+        let mut absent = dest.pagemap.as_ref().map(AbsentPages::new);
         loop {
             if let Some(rv) = rendezvous {
                 rv.check_failed(index)?;
@@ -269,7 +272,8 @@ impl<R: Read> Receiver<R> {
             }
             match kind {
                 FRAME_PAGES => {
-                    let (data, zero) = self.receive_pages(mem, dest, &mut runs, at, a, b, c)?;
+                    let (data, zero) =
+                        self.receive_pages(mem, dest, &mut runs, absent.as_mut(), at, a, b, c)?;
                     round_data += data;
                     round_zero += zero;
                     summary.pages += data + zero;
@@ -365,6 +369,7 @@ impl<R: Read> Receiver<R> {
         mem: &M,
         dest: &Destination,
         runs: &mut Vec<Run>,
+        mut absent: Option<&mut AbsentPages<'_>>,
         at: u64,
         count: u64,
         data_len: u64,
@@ -430,9 +435,9 @@ impl<R: Read> Receiver<R> {
                 got: got as u64,
             });
         }
-        let mut absent = dest.pagemap.as_ref().map(AbsentPages::new);
         for run in runs.iter().filter(|r| r.zero) {
-            apply_zero_run(mem, dest, run, absent.as_mut().filter(|_| dest.trusted[run.region]))?;
+            let absent = absent.as_deref_mut().filter(|_| dest.trusted[run.region]);
+            apply_zero_run(mem, dest, run, absent)?;
         }
         Ok((data_pages, zero_pages))
     }
@@ -658,16 +663,24 @@ fn apply_zero_run<M: GuestMemory + ?Sized>(
         len: len as u64,
         source: GuestMemoryError::from_volatile(run.addr, e),
     };
-    for off in (0..len).step_by(PAGE) {
-        let page = s.as_ptr().wrapping_add(off);
-        if absent.as_mut().is_some_and(|a| a.is_absent(page as usize)) {
-            continue;
+    // Pages that are not zero yet are zeroed in stretches, one fill per stretch.
+    let mut stretch: Option<usize> = None;
+    for off in (0..=len).step_by(PAGE) {
+        let needs_zeroing = off < len && {
+            let page = s.as_ptr().wrapping_add(off);
+            // SAFETY: the page lies in the run's slice, which `mem` keeps mapped while
+            // borrowed.
+            !absent.as_mut().is_some_and(|a| a.is_absent(page as usize))
+                && !unsafe { page_hash::is_zero_page(page) }
+        };
+        match (needs_zeroing, stretch) {
+            (true, None) => stretch = Some(off),
+            (false, Some(from)) => {
+                s.subslice(from, off - from).and_then(|p| p.fill(0)).map_err(memory_error)?;
+                stretch = None;
+            }
+            _ => {}
         }
-        // SAFETY: the page lies in the run's slice, which `mem` keeps mapped while borrowed.
-        if unsafe { page_hash::is_zero_page(page) } {
-            continue;
-        }
-        s.subslice(off, PAGE).and_then(|p| p.fill(0)).map_err(memory_error)?;
     }
     s.bitmap().mark_dirty(0, len);
     let table = &dest.tables[run.region];
