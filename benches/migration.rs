@@ -10,10 +10,13 @@
 //!
 //! Contents: "every page data" (no zero page), and "1 page in 4 data" (pages 0, 4, 8, ... hold
 //! data, the others are zero). Every source page is resident (the zero pages were written), so
-//! zero pages must be found by reading them. Before each repetition the destination is reset
-//! to stale non-zero contents (resident, as after an earlier round), so zero pages must be
-//! written there too. Each case runs `GUESTMEM_BENCH_REPS` (5) alternating repetitions of raw
-//! and guestmem; the table gives medians and the ratio guestmem / raw.
+//! zero pages must be found by reading them. Before each repetition the destination is reset,
+//! the same way for raw and guestmem, and is resident (a destination that has not been
+//! touched would cost raw a page fault per page): "stale" is non-zero everywhere (as after an
+//! earlier round: every zero page must be written), "zeroed" is all zero (a VMM that
+//! preallocated its guest RAM: zero pages need only be read). Each case runs
+//! `GUESTMEM_BENCH_REPS` (5) alternating repetitions of raw and guestmem; the table gives
+//! medians and the ratio guestmem / raw.
 //!
 //! Then, on the same memory (every page data): the stream spread over 1, 2 and 4 connections
 //! of each transport (`MultiSender`/`MultiReceiver`, the source and destination each on one
@@ -106,6 +109,35 @@ fn fill(host: *mut u8, size: usize, contents: Contents) {
 fn stale(host: *mut u8, size: usize) {
     // SAFETY: our writable mapping of `size` bytes.
     unsafe { std::ptr::write_bytes(host, 0xa5, size) };
+}
+
+/// Zeroed destination contents: resident, all zero.
+fn zeroed(host: *mut u8, size: usize) {
+    // SAFETY: our writable mapping of `size` bytes.
+    unsafe { std::ptr::write_bytes(host, 0, size) };
+}
+
+/// What the destination holds before a repetition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Destination {
+    Stale,
+    Zeroed,
+}
+
+impl Destination {
+    fn name(self) -> &'static str {
+        match self {
+            Destination::Stale => "stale",
+            Destination::Zeroed => "zeroed",
+        }
+    }
+
+    fn reset(self, host: *mut u8, size: usize) {
+        match self {
+            Destination::Stale => stale(host, size),
+            Destination::Zeroed => zeroed(host, size),
+        }
+    }
 }
 
 fn same(a: *const u8, b: *const u8, size: usize) -> bool {
@@ -264,31 +296,39 @@ fn main() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     println!("migration stream, {} MiB in one region, median of {reps} alternating repetitions", size >> 20);
     println!(
-        "{:18} {:18} {:>10} {:>8} {:>12} {:>8} {:>7}",
-        "transport", "contents", "raw ms", "GB/s", "guestmem ms", "GB/s", "ratio"
+        "{:18} {:18} {:>11} {:>10} {:>8} {:>12} {:>8} {:>7}",
+        "transport", "contents", "destination", "raw ms", "GB/s", "guestmem ms", "GB/s", "ratio"
     );
+    let table = [
+        (Contents::AllData, Destination::Stale),
+        (Contents::OneInFour, Destination::Zeroed),
+        (Contents::OneInFour, Destination::Stale),
+    ];
     for contents in [Contents::AllData, Contents::OneInFour] {
         let src = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let dst = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let (s, d) =
             (src.get_host_address(GuestAddress(0)).unwrap(), dst.get_host_address(GuestAddress(0)).unwrap());
         fill(s, size, contents);
-        for transport in [Transport::Tcp, Transport::Unix] {
-            let case = format!("{}/{}", transport.name(), contents.name());
+        for (transport, dest) in [Transport::Tcp, Transport::Unix]
+            .into_iter()
+            .flat_map(|t| table.iter().filter(|c| c.0 == contents).map(move |c| (t, c.1)))
+        {
+            let case = format!("{}/{}/{}", transport.name(), contents.name(), dest.name());
             if !filter.is_empty() && !filter.iter().any(|f| case.contains(f.as_str())) {
                 continue;
             }
             let (mut raw_t, mut gm_t) = (Vec::new(), Vec::new());
             for _ in 0..reps {
                 if only != Some("guestmem") {
-                    stale(d, size);
+                    dest.reset(d, size);
                     perf("enable\n");
                     raw_t.push(raw(transport, &listener, s, d, size));
                     perf("disable\n");
                     assert!(same(s, d, size), "raw copy differs");
                 }
                 if only != Some("raw") {
-                    stale(d, size);
+                    dest.reset(d, size);
                     perf("enable\n");
                     gm_t.push(guestmem(transport, &listener, &src, &dst));
                     perf("disable\n");
@@ -298,9 +338,10 @@ fn main() {
             let (r, g) = (median(&mut raw_t), median(&mut gm_t));
             let gbs = |t: Duration| size as f64 / t.as_secs_f64() / 1e9;
             println!(
-                "{:18} {:18} {:>10.1} {:>8.2} {:>12.1} {:>8.2} {:>7.2}",
+                "{:18} {:18} {:>11} {:>10.1} {:>8.2} {:>12.1} {:>8.2} {:>7.2}",
                 transport.name(),
                 contents.name(),
+                dest.name(),
                 ms(r),
                 gbs(r),
                 ms(g),

@@ -20,9 +20,10 @@ use crate::memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap};
 use crate::region::GuestMemoryRegion;
 use crate::sys;
 
-/// Data bytes the sender puts in one pages frame: small enough that the pages it hashed are
-/// still in the L2 cache when the kernel copies them onto the stream.
-const FRAME_DATA: usize = 256 << 10;
+/// Data bytes the sender puts in one pages frame: the pages are hashed right after the kernel
+/// copied them, so they should still be in cache (this core's L2); and each frame costs a
+/// `writev` here and two or three calls at the receiver, so frames should be large.
+const FRAME_DATA: usize = 512 << 10;
 
 /// The bounce buffer of the plain-`Write` path.
 const BOUNCE_LEN: usize = 64 << 10;
