@@ -57,7 +57,7 @@
 
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 use crate::address::GuestAddress;
@@ -287,9 +287,7 @@ fn region_fd(file: &FileOffset) -> BorrowedFd<'_> {
 
 /// What `/proc/self/fd` says `fd` is (a memfd shows as `/memfd:NAME (deleted)`).
 fn fd_link(fd: BorrowedFd<'_>) -> String {
-    std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_default()
+    sys::fd::fd_link(fd).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
 fn is_memfd(fd: BorrowedFd<'_>) -> bool {

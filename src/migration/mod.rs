@@ -26,17 +26,17 @@
 //!   straight into its memory with `readv(2)`. On any other `Write`/`Read`, pages go through a
 //!   small buffer. The destination's own dirty tracking sees every page the stream sets.
 //! - Integrity: each end computes a 32-bit hash of every data page while the page is in cache
-//!   (right before the kernel copies it onto the stream, right after it copied it off) and
-//!   keeps the latest one per page, in a table of 4 bytes per 4 KiB of guest memory. At the end
-//!   the source sends, per region, a digest of its table (every page's last sent contents), and
-//!   the receiver compares it with the digest of its own (every page's last received
-//!   contents): a corrupted, lost, misplaced or stale page (a round-`k` copy that won over
-//!   round `k + 1`'s) fails the migration, naming the region. A page written *while* it was
-//!   sent may differ from its hash; it is dirty, so a later round sends it again and both
-//!   tables agree once the source is paused. With [`Sender::verify_memory`], the end also
-//!   compares a digest of every region's full contents, read at both ends (the source paused):
-//!   this also catches a write that dirty tracking missed, for the price of reading all of
-//!   memory once more at both ends (in parallel).
+//!   (right after the kernel copied it onto the stream, or off it) and keeps the latest one per
+//!   page, in a table of 4 bytes per 4 KiB of guest memory. At the end the source sends, per
+//!   region, a digest of its table (every page's last sent contents), and the receiver compares
+//!   it with the digest of its own (every page's last received contents): a corrupted, lost,
+//!   misplaced or stale page (a round-`k` copy that won over round `k + 1`'s) fails the
+//!   migration, naming the region. A page written *while* it was sent may differ from its
+//!   hash; it is dirty, so a later round sends it again and both tables agree once the source
+//!   is paused. With [`Sender::verify_memory`], the end also compares a digest of every
+//!   region's full contents, read at both ends (the source paused): this also catches a write
+//!   that dirty tracking missed, for the price of reading all of memory once more at both ends
+//!   (in parallel).
 //!
 //! # Several streams
 //!
@@ -76,10 +76,16 @@
 //! carry between the last round and the checksums, so that a destination can resume the
 //! guest from one stream.
 //!
-//! The page hash is described in the source of `page_hash`; a digest is the wrapping sum, over
-//! the region's pages `p` (guest page numbers) whose hash `h` is not 0, of MurmurHash3's 64-bit
-//! finalizer of `p << 32 | h`. The stream digest uses the hash each end kept (0 for a page
-//! never sent); the memory digest hashes every page of the region as it is now.
+//! The page hash of a page's 512 little-endian words `w[n]`: lane `l = n % 16` takes its 32
+//! words in order and keeps four sums, `a += w; b += a` (wrapping) and `ha += w >> 32;
+//! hb += ha`; sum `k` (0 to 3, in that order) of lane `l` is mixed with the key
+//! `K = splitmix64(0x6775_6573_746d_656d ^ (16k + l))` (SplitMix64's first output from that
+//! seed) as `x = sum ^ K; lo32(x) * hi32(x) + x`; the 64 mixes are added up (wrapping), put
+//! through MurmurHash3's 64-bit finalizer, and the hash is the xor of the result's halves. A zero run's pages count with the hash of 4096 zero bytes. A region's
+//! digest is the wrapping sum, over its pages `p` (guest page numbers) whose hash `h` is not
+//! 0, of MurmurHash3's 64-bit finalizer of `p << 32 | h`. The stream digest uses the hash each
+//! end kept (0 for a page never sent); the memory digest hashes every page of the region as it
+//! is now.
 //!
 //! The receiver trusts nothing: magic, version, flags, stream set, frame types and order,
 //! round numbers and page counts, lengths (bounded, so nothing is allocated from a length the
