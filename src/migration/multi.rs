@@ -117,6 +117,10 @@ impl<W: Write + Send> MultiSender<W> {
 
     /// Sends the guest ranges `ranges` over the streams, in parallel (see
     /// [`Sender::send_ranges`]: the whole list is checked first). Returns the guest bytes sent.
+    ///
+    /// Within a round a page should be sent once (the ranges of a harvest are): two copies of
+    /// one page in one round may travel on two streams and land in either order, and the
+    /// digests at the end then fail the migration unless both copies were the same.
     pub fn send_ranges<M: GuestMemory + Sync + ?Sized>(
         &mut self,
         mem: &M,

@@ -83,9 +83,12 @@ pub struct Sender<W> {
     tables: Arc<Tables>,
     /// `/proc/self/pagemap`, once a send needed it (`None` inside: not available).
     pagemap: Option<Option<Arc<Pagemap>>>,
-    /// Regions (host address, length) whose absent pages read as zero, or not: found out once
-    /// per region and sender.
+    /// Regions (host address, length) whose absent pages read as zero, or not, as the mapping
+    /// looks in this call (found out again every call: a region may be replaced by another).
     trusted: Vec<(usize, usize, Trust)>,
+    /// Regions (host address, length) known not to be registered with userfaultfd (`true`)
+    /// or known to be: asked once per region and sender, as it costs a page-table walk.
+    userfaultfd: Vec<(usize, usize, bool)>,
     batch: Batch,
 }
 
@@ -126,6 +129,7 @@ impl<W: Write> Sender<W> {
             tables,
             pagemap: None,
             trusted: Vec::new(),
+            userfaultfd: Vec::new(),
             batch: Batch::new(),
         };
         s.write_all(&stream_header(id), "writing the stream header")?;
@@ -198,6 +202,7 @@ impl<W: Write> Sender<W> {
             })?;
         }
         let tables = self.tables.for_memory(mem);
+        self.trusted.clear();
         let before = self.round_pages;
         for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
             let (start, n) = page_range(addr, len)?;
@@ -289,6 +294,7 @@ impl<W: Write> Sender<W> {
         let flags = if self.verify_memory { CHECKSUMS_MEMORY } else { 0 };
         self.write_all(&frame_header(FRAME_CHECKSUMS, count, flags, 0), "writing the checksums frame")?;
         let tables = self.tables.for_memory(mem);
+        self.trusted.clear();
         let mut entries = Vec::new();
         for (region, table) in mem.iter().zip(&tables) {
             let memory = if self.verify_memory {
@@ -315,29 +321,34 @@ impl<W: Write> Sender<W> {
     }
 
     /// Whether the absent pages of the region `(host, len)` read as zero (see `residency`), as
-    /// far as is known.
+    /// far as is known in this call.
     fn trust(&mut self, key: (usize, usize)) -> Trust {
         if let Some(&(_, _, t)) = self.trusted.iter().find(|&&(h, l, _)| (h, l) == key) {
             return t;
         }
-        let t = if self.pagemap().is_some() && residency::private_anonymous(key.0 as *const u8, key.1) {
-            Trust::Maps
-        } else {
+        let t = if self.pagemap().is_none() || !residency::private_anonymous(key.0 as *const u8, key.1) {
             Trust::No
+        } else {
+            match self.userfaultfd.iter().find(|&&(h, l, _)| (h, l) == key) {
+                Some(&(_, _, true)) => Trust::Yes,
+                Some(&(_, _, false)) => Trust::No,
+                None => Trust::Maps,
+            }
         };
         self.trusted.push((key.0, key.1, t));
         t
     }
 
     /// Settles whether a region that maps as private anonymous memory is trusted: asks about
-    /// userfaultfd (once). Returns the answer.
+    /// userfaultfd (once per region and sender). Returns the answer.
     fn confirm(&mut self, key: (usize, usize)) -> bool {
-        let Some(entry) = self.trusted.iter_mut().find(|e| (e.0, e.1) == key) else { return false };
-        if entry.2 == Trust::Maps {
-            entry.2 =
-                if residency::not_userfaultfd(key.0 as *const u8, key.1) { Trust::Yes } else { Trust::No };
+        let Some(i) = self.trusted.iter().position(|e| (e.0, e.1) == key) else { return false };
+        if self.trusted[i].2 == Trust::Maps {
+            let clear = residency::not_userfaultfd(key.0 as *const u8, key.1);
+            self.userfaultfd.push((key.0, key.1, clear));
+            self.trusted[i].2 = if clear { Trust::Yes } else { Trust::No };
         }
-        entry.2 == Trust::Yes
+        self.trusted[i].2 == Trust::Yes
     }
 
     fn write_all(&mut self, bytes: &[u8], op: &'static str) -> Result<()> {
