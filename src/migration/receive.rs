@@ -1,5 +1,6 @@
 //! The receiving side: every frame validated, pages written into destination memory.
 
+use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
@@ -20,6 +21,10 @@ use crate::bytes::{le_u32, le_u64};
 use crate::memory::{GuestMemory, GuestMemoryError};
 use crate::region::GuestMemoryRegion;
 use crate::sys;
+use crate::sys::socket::{self, MsgFlags};
+
+/// Data bytes hashed between two tries to receive without blocking.
+const HASH_BATCH: usize = 128 << 10;
 
 /// The bounce buffer of the plain-`Read` path.
 const BOUNCE_LEN: usize = 64 << 10;
@@ -121,6 +126,12 @@ pub struct Receiver<R> {
     raw_runs: Box<[u8]>,
     /// The next frame's header, read with the previous frame's data (vectored path).
     ahead: Option<Ahead>,
+    /// Runs whose pages are in memory but not yet in the hash tables (see
+    /// [`read_frame`](Self::read_frame)), oldest first.
+    pending: VecDeque<Run>,
+    /// Whether the stream is a socket, so that a receive can be tried without blocking;
+    /// `None` until found out.
+    socket: Option<bool>,
 }
 
 /// A frame header read ahead: where it starts, and how much of it arrived.
@@ -163,6 +174,8 @@ impl<R: Read> Receiver<R> {
             bounce: Vec::new(),
             raw_runs: vec![0; MAX_RUNS * RUN_LEN].into_boxed_slice(),
             ahead: None,
+            pending: VecDeque::new(),
+            socket: None,
         }
     }
 
@@ -232,6 +245,8 @@ impl<R: Read> Receiver<R> {
         index: u32,
         rendezvous: Option<&Rendezvous>,
     ) -> Result<ReceiveSummary> {
+        // Runs of an earlier, failed receive name another memory's tables.
+        self.pending.clear();
         let mut summary = ReceiveSummary::default();
         let (mut round_data, mut round_zero) = (0u64, 0u64);
         let mut verified = false;
@@ -292,6 +307,9 @@ impl<R: Read> Receiver<R> {
                         });
                     }
                     if let Some(rv) = rendezvous {
+                        // This stream's pages of the round are all in the tables before the
+                        // next round's may arrive on any stream.
+                        self.drain(mem, dest)?;
                         rv.end_round(index, summary.rounds)?;
                     }
                     summary.rounds += 1;
@@ -320,6 +338,7 @@ impl<R: Read> Receiver<R> {
                         // Every other stream must have applied its last page first.
                         rv.wait_all_done(summary.rounds)?;
                     }
+                    self.drain(mem, dest)?;
                     summary.regions_verified = self.verify(mem, dest, b == CHECKSUMS_MEMORY)?;
                     summary.memory_verified = b == CHECKSUMS_MEMORY;
                     verified = true;
@@ -331,6 +350,7 @@ impl<R: Read> Receiver<R> {
                             offset: at,
                         });
                     }
+                    self.drain(mem, dest)?;
                     if let Some(rv) = rendezvous {
                         rv.done(index, summary.rounds);
                     }
@@ -406,8 +426,9 @@ impl<R: Read> Receiver<R> {
 
         // The data, straight into the data runs' pages.
         let data_at = self.offset;
-        let got = self.read_data(mem, runs, data_len as usize)?;
-        // Mark and hash what arrived (all of it, unless the stream ended inside it).
+        let got = self.read_data(mem, dest, runs, data_len as usize)?;
+        // Mark what arrived (all of it, unless the stream ended inside it); its pages are
+        // hashed once the socket has nothing to read (or before the next round or the end).
         let mut left = got;
         for run in runs.iter().filter(|r| !r.zero) {
             if left == 0 {
@@ -415,15 +436,9 @@ impl<R: Read> Receiver<R> {
             }
             let len = run.pages as usize * PAGE;
             let here = left.min(len);
-            let s = slice(mem, run.addr, len)?;
-            s.bitmap().mark_dirty(0, here);
-            let table = &dest.tables[run.region];
-            let first = run.addr.0 / PAGE as u64 - table.first_page();
-            for p in 0..here / PAGE {
-                // SAFETY: page `p` lies in the run's slice of guest memory, which `mem` keeps
-                // mapped while borrowed.
-                let hash = unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) };
-                table.set(first + p as u64, hash);
+            slice(mem, run.addr, len)?.bitmap().mark_dirty(0, here);
+            if here == len {
+                self.pending.push_back(*run);
             }
             left -= here;
         }
@@ -437,14 +452,31 @@ impl<R: Read> Receiver<R> {
         }
         for run in runs.iter().filter(|r| r.zero) {
             let absent = absent.as_deref_mut().filter(|_| dest.trusted[run.region]);
-            apply_zero_run(mem, dest, run, absent)?;
+            apply_zero_run(mem, run, absent)?;
+            // Its table entries too go in order with the data runs' (the same page may wait to
+            // be hashed from an earlier frame).
+            self.pending.push_back(*run);
+        }
+        // Hashed while in cache: at most 1 MiB of data waits; and none on a plain `Read`
+        // (nothing to overlap with).
+        while self.fd.is_none() && !self.pending.is_empty()
+            || self.pending.iter().filter(|r| !r.zero).map(|r| r.pages as usize * PAGE).sum::<usize>()
+                > 1 << 20
+        {
+            self.hash_pending(mem, dest)?;
         }
         Ok((data_pages, zero_pages))
     }
 
     /// Reads `len` bytes of page data into the data runs (and, on an fd, the next frame's
     /// header after them). Returns the data bytes that arrived (fewer only at end of stream).
-    fn read_data<M: GuestMemory + ?Sized>(&mut self, mem: &M, runs: &[Run], len: usize) -> Result<usize> {
+    fn read_data<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        dest: &Destination,
+        runs: &[Run],
+        len: usize,
+    ) -> Result<usize> {
         match self.fd {
             Some(fd) => {
                 let mut iov = Vec::with_capacity(runs.len() + 1);
@@ -460,7 +492,7 @@ impl<R: Read> Receiver<R> {
                 // SAFETY: the data iovecs describe writable slices of guest memory (every run
                 // was checked writable) that `mem`, borrowed for the call, keeps mapped; the
                 // last one describes `ahead.bytes`, not touched until the call returns.
-                let got = unsafe { scatter_all(fd(&self.stream), &mut iov) }.map_err(io_error_read)?;
+                let got = unsafe { self.read_frame(fd, &mut iov, mem, dest) }?;
                 let data = got.min(len);
                 self.offset += got as u64;
                 if got >= len {
@@ -499,6 +531,119 @@ impl<R: Read> Receiver<R> {
                 Ok(total)
             }
         }
+    }
+
+    /// Puts the oldest pending run's pages in their table: the hash of each data page as it
+    /// is now, or the zero page's hash for a zero run. Returns whether there was one.
+    fn hash_pending<M: GuestMemory + ?Sized>(&mut self, mem: &M, dest: &Destination) -> Result<bool> {
+        let Some(run) = self.pending.pop_front() else { return Ok(false) };
+        let table = &dest.tables[run.region];
+        let first = run.addr.0 / PAGE as u64 - table.first_page();
+        if run.zero {
+            table.set_range(first, run.pages, page_hash::zero_page_hash());
+            return Ok(true);
+        }
+        let s = slice(mem, run.addr, run.pages as usize * PAGE)?;
+        for p in 0..run.pages as usize {
+            // SAFETY: page `p` lies in the run's slice of guest memory, which `mem` keeps
+            // mapped while borrowed.
+            let hash = unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) };
+            table.set(first + p as u64, hash);
+        }
+        Ok(true)
+    }
+
+    /// Puts pending runs in the tables, oldest first, until 128 KiB of data pages were hashed
+    /// (a try to receive costs a system call: it is worth doing some work between two).
+    fn hash_some<M: GuestMemory + ?Sized>(&mut self, mem: &M, dest: &Destination) -> Result<()> {
+        let mut bytes = 0;
+        while bytes < HASH_BATCH {
+            match self.pending.front() {
+                Some(run) => bytes += if run.zero { PAGE } else { run.pages as usize * PAGE },
+                None => break,
+            }
+            self.hash_pending(mem, dest)?;
+        }
+        Ok(())
+    }
+
+    /// Puts every pending run in the tables.
+    fn drain<M: GuestMemory + ?Sized>(&mut self, mem: &M, dest: &Destination) -> Result<()> {
+        while self.hash_pending(mem, dest)? {}
+        Ok(())
+    }
+
+    /// Reads into `iov` until every byte of it is filled or the stream ends; returns the bytes
+    /// read. On a socket, while runs wait to be hashed, a receive is first tried without
+    /// blocking (`MSG_DONTWAIT`): when nothing has arrived, a pending run is hashed instead of
+    /// waiting, so the hashing costs no time while the peer fills the socket. Runs are hashed
+    /// in the order they came, so a page's entry ends with its latest contents; hashing runs
+    /// between calls, never while the kernel writes into memory.
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for writes for the duration of the call.
+    unsafe fn read_frame<M: GuestMemory + ?Sized>(
+        &mut self,
+        fd: fn(&R) -> BorrowedFd<'_>,
+        iov: &mut [libc::iovec],
+        mem: &M,
+        dest: &Destination,
+    ) -> Result<usize> {
+        let mut start = 0;
+        let mut total = 0;
+        while start < iov.len() {
+            if iov[start].iov_len == 0 {
+                start += 1;
+                continue;
+            }
+            let rest = &iov[start..iov.len().min(start + sys::fd::IOV_MAX)];
+            let fd = fd(&self.stream);
+            let got = if self.socket != Some(false) && !self.pending.is_empty() {
+                // SAFETY: the caller guarantees every iovec is writable; `rest` holds suffixes
+                // of them, advanced within their bounds below.
+                match unsafe { socket::recv_vectored(fd, rest, MsgFlags::DONTWAIT) } {
+                    Ok(n) => {
+                        self.socket = Some(true);
+                        n
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        self.socket = Some(true);
+                        self.hash_some(mem, dest)?;
+                        continue;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+                        self.socket = Some(false);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(io_error_read(e)),
+                }
+            } else {
+                // SAFETY: as above.
+                sys::retry_eintr(|| unsafe { sys::fd::readv(fd, rest) }).map_err(io_error_read)?
+            };
+            if got == 0 {
+                break;
+            }
+            total += got;
+            let mut n = got;
+            while start < iov.len() && n >= iov[start].iov_len {
+                n -= iov[start].iov_len;
+                start += 1;
+            }
+            if n > 0 {
+                if start == iov.len() {
+                    return Err(io_error_read(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "readv read more than asked",
+                    )));
+                }
+                let v = &mut iov[start];
+                v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+                v.iov_len -= n;
+            }
+        }
+        Ok(total)
     }
 
     /// The entries of a checksums frame, each compared with the destination region at the
@@ -649,10 +794,9 @@ fn slice<M: GuestMemory + ?Sized>(
 
 /// Makes a zero run's pages zero: an absent page of trusted memory (`absent` is given for
 /// those) is left alone, as it reads as zero; any other page is read, and written only if it is
-/// not zero already. The whole run is marked dirty and recorded as zero pages.
+/// not zero already. The whole run is marked dirty.
 fn apply_zero_run<M: GuestMemory + ?Sized>(
     mem: &M,
-    dest: &Destination,
     run: &Run,
     mut absent: Option<&mut AbsentPages<'_>>,
 ) -> Result<()> {
@@ -683,8 +827,6 @@ fn apply_zero_run<M: GuestMemory + ?Sized>(
         }
     }
     s.bitmap().mark_dirty(0, len);
-    let table = &dest.tables[run.region];
-    table.set_range(run.addr.0 / PAGE as u64 - table.first_page(), run.pages, page_hash::zero_page_hash());
     Ok(())
 }
 
@@ -703,40 +845,4 @@ fn read_some<R: Read>(stream: &mut R, buf: &mut [u8], op: &'static str) -> Resul
             Err(source) => return Err(MigrationError::Io { op, source }),
         }
     }
-}
-
-/// `readv(2)` until every byte of `iov` is filled or the stream ends; returns the bytes read.
-///
-/// # Safety
-/// Every iovec must describe memory valid for writes for the duration of the call.
-unsafe fn scatter_all(fd: BorrowedFd<'_>, iov: &mut [libc::iovec]) -> io::Result<usize> {
-    let mut start = 0;
-    let mut total = 0;
-    while start < iov.len() {
-        if iov[start].iov_len == 0 {
-            start += 1;
-            continue;
-        }
-        let rest = &iov[start..iov.len().min(start + sys::fd::IOV_MAX)];
-        // SAFETY: the caller guarantees every iovec is writable for this call; `rest` holds
-        // suffixes of them, advanced within their bounds below.
-        let mut n = sys::retry_eintr(|| unsafe { sys::fd::readv(fd, rest) })?;
-        if n == 0 {
-            break;
-        }
-        total += n;
-        while start < iov.len() && n >= iov[start].iov_len {
-            n -= iov[start].iov_len;
-            start += 1;
-        }
-        if n > 0 {
-            if start == iov.len() {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "readv read more than asked"));
-            }
-            let v = &mut iov[start];
-            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
-            v.iov_len -= n;
-        }
-    }
-    Ok(total)
 }

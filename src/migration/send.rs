@@ -1,6 +1,7 @@
 //! The sending side: guest ranges as pages frames of data and zero runs, end-of-round
 //! markers, checksums and done.
 
+use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::Arc;
@@ -19,11 +20,15 @@ use crate::bytes::{put_le_u32, put_le_u64};
 use crate::memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap};
 use crate::region::GuestMemoryRegion;
 use crate::sys;
+use crate::sys::socket::{self, MsgFlags};
 
 /// Data bytes the sender puts in one pages frame: the pages are hashed right after the kernel
 /// copied them, so they should still be in cache (this core's L2); and each frame costs a
 /// `writev` here and two or three calls at the receiver, so frames should be large.
 const FRAME_DATA: usize = 512 << 10;
+
+/// Data bytes hashed between two tries to send without blocking.
+const HASH_BATCH: usize = 128 << 10;
 
 /// The bounce buffer of the plain-`Write` path.
 const BOUNCE_LEN: usize = 64 << 10;
@@ -90,6 +95,11 @@ pub struct Sender<W> {
     /// or known to be: asked once per region and sender, as it costs a page-table walk.
     userfaultfd: Vec<(usize, usize, bool)>,
     batch: Batch,
+    /// Data runs on the stream whose pages are not hashed yet (see [`flush`](Self::flush)).
+    pending: VecDeque<Run>,
+    /// Whether the stream is a socket, so that a send can be tried without blocking; `None`
+    /// until found out.
+    socket: Option<bool>,
 }
 
 impl<W: Write + AsFd> Sender<W> {
@@ -131,6 +141,8 @@ impl<W: Write> Sender<W> {
             trusted: Vec::new(),
             userfaultfd: Vec::new(),
             batch: Batch::new(),
+            pending: VecDeque::new(),
+            socket: None,
         };
         s.write_all(&stream_header(id), "writing the stream header")?;
         Ok(s)
@@ -213,11 +225,22 @@ impl<W: Write> Sender<W> {
                 let r = tables.partition_point(|t| t.first_page() <= page) - 1;
                 let region = mem.iter().nth(r).expect("one table per region");
                 let key = (region.host_ptr() as usize, region.len() as usize);
-                self.send_piece(mem, &tables, at, slice.as_ptr(), slice.len() / PAGE, r, key)?;
+                if let Err(e) = self.send_piece(mem, &tables, at, slice.as_ptr(), slice.len() / PAGE, r, key)
+                {
+                    self.pending.clear();
+                    return Err(e);
+                }
                 at = GuestAddress(at.0 + slice.len() as u64);
             }
         }
-        self.flush(mem, &tables)?;
+        let flushed = self.flush(mem, &tables);
+        // Every page sent in this call is hashed before it returns (the pending runs name this
+        // call's tables and memory); after a failure they no longer matter.
+        if flushed.is_ok() {
+            while self.hash_pending(mem, &tables)? {}
+        }
+        self.pending.clear();
+        flushed?;
         Ok((self.round_pages - before) * PAGE as u64)
     }
 
@@ -355,8 +378,41 @@ impl<W: Write> Sender<W> {
         match self.fd {
             Some(fd) => {
                 let mut iov = [libc::iovec { iov_base: bytes.as_ptr() as *mut _, iov_len: bytes.len() }];
-                // SAFETY: the iovec describes `bytes`, borrowed for the call.
-                unsafe { writev_all(fd(&self.stream), &mut iov) }
+                let mut start = skip_empty(&iov, 0);
+                let mut result = Ok(());
+                while start < iov.len() {
+                    let rest = &iov[start..];
+                    let fd = fd(&self.stream);
+                    let n = if self.socket != Some(false) {
+                        // SAFETY: the iovec describes `bytes`, borrowed for the call (advanced
+                        // within it).
+                        let sent = sys::retry_eintr(|| unsafe {
+                            socket::send_vectored(fd, rest, MsgFlags::NOSIGNAL)
+                        });
+                        match sent {
+                            Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+                                self.socket = Some(false);
+                                continue;
+                            }
+                            other => {
+                                // Anything but ENOTSOCK comes from a socket.
+                                self.socket = Some(true);
+                                other
+                            }
+                        }
+                    } else {
+                        // SAFETY: as above.
+                        sys::retry_eintr(|| unsafe { sys::fd::writev(fd, rest) })
+                    };
+                    match n.and_then(|n| advance(&mut iov, start, n)) {
+                        Ok(next) => start = next,
+                        Err(e) => {
+                            result = Err(e);
+                            break;
+                        }
+                    }
+                }
+                result
             }
             None => self.stream.write_all(bytes),
         }
@@ -448,9 +504,9 @@ impl<W: Write> Sender<W> {
                 }
                 // SAFETY: the first two iovecs describe `header` and the encoded runs, not
                 // touched until the call returns; the others describe slices of guest memory
-                // that `mem`, borrowed for the call, keeps mapped, and which `writev` only
+                // that `mem`, borrowed for the call, keeps mapped, and which the kernel only
                 // reads.
-                unsafe { writev_all(fd(&self.stream), &mut iov) }
+                unsafe { self.write_frame(fd, &mut iov, mem, tables) }
                     .map_err(io_error("writing pages frames"))?;
             }
             None => {
@@ -479,20 +535,131 @@ impl<W: Write> Sender<W> {
             }
         }
         self.stream_bytes += (header.len() + runs_len + data_len) as u64;
-        for run in self.batch.runs.iter().filter(|r| !r.zero) {
-            let s = run_slice(run)?;
-            let table = &tables[run.table];
-            let first = run.addr.0 / PAGE as u64 - table.first_page();
-            for p in 0..run.pages as usize {
-                // SAFETY: page `p` lies in the run's slice of guest memory, which `mem` keeps
-                // mapped while borrowed.
-                let hash = unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) };
-                table.set(first + p as u64, hash);
-            }
+        self.pending.extend(self.batch.runs.iter().filter(|r| !r.zero));
+        // Hashed while in cache: at most two frames' worth wait.
+        while self.pending.iter().map(|r| r.pages as usize * PAGE).sum::<usize>() > 2 * FRAME_DATA {
+            self.hash_pending(mem, tables)?;
         }
         self.batch.clear();
         Ok(())
     }
+}
+
+impl<W: Write> Sender<W> {
+    /// Hashes the pages of the oldest pending data run into its table. Returns whether there
+    /// was one.
+    fn hash_pending<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        tables: &[Arc<RegionTable>],
+    ) -> Result<bool> {
+        let Some(run) = self.pending.pop_front() else { return Ok(false) };
+        let len = run.pages as usize * PAGE;
+        let s = mem.get_slice(run.addr, len).map_err(|source| MigrationError::Memory {
+            addr: run.addr,
+            len: len as u64,
+            source,
+        })?;
+        let table = &tables[run.table];
+        let first = run.addr.0 / PAGE as u64 - table.first_page();
+        for p in 0..run.pages as usize {
+            // SAFETY: page `p` lies in the run's slice of guest memory, which `mem` keeps
+            // mapped while borrowed.
+            let hash = unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) };
+            table.set(first + p as u64, hash);
+        }
+        Ok(true)
+    }
+
+    /// Writes every byte of `iov` to the stream's fd. On a socket, while pages wait to be
+    /// hashed, a send is first tried without blocking (`MSG_DONTWAIT`): when the socket is
+    /// full, the sender hashes a pending run instead of waiting, so the hashing costs no time
+    /// while the peer drains the socket. Otherwise (no run waiting, or not a socket) the call
+    /// blocks; sockets are written with `MSG_NOSIGNAL` (a closed peer is `EPIPE`, never
+    /// `SIGPIPE`).
+    ///
+    /// # Safety
+    /// Every iovec must describe memory valid for reads for the duration of the call.
+    unsafe fn write_frame<M: GuestMemory + ?Sized>(
+        &mut self,
+        fd: fn(&W) -> BorrowedFd<'_>,
+        iov: &mut [libc::iovec],
+        mem: &M,
+        tables: &[Arc<RegionTable>],
+    ) -> io::Result<()> {
+        let mut start = skip_empty(iov, 0);
+        while start < iov.len() {
+            let rest = &iov[start..iov.len().min(start + sys::fd::IOV_MAX)];
+            let fd = fd(&self.stream);
+            let n = if self.socket != Some(false) {
+                let flags = if self.pending.is_empty() {
+                    MsgFlags::NOSIGNAL
+                } else {
+                    MsgFlags::NOSIGNAL | MsgFlags::DONTWAIT
+                };
+                // SAFETY: the caller guarantees every iovec is readable; `rest` holds suffixes
+                // of them, advanced within their bounds.
+                match unsafe { socket::send_vectored(fd, rest, flags) } {
+                    Ok(n) => {
+                        self.socket = Some(true);
+                        n
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock && flags.contains(MsgFlags::DONTWAIT) => {
+                        // A try costs a system call: hash 128 KiB between two.
+                        let mut bytes = 0;
+                        while bytes < HASH_BATCH {
+                            let Some(run) = self.pending.front() else { break };
+                            bytes += run.pages as usize * PAGE;
+                            self.hash_pending(mem, tables).map_err(|e| io::Error::other(e.to_string()))?;
+                        }
+                        continue;
+                    }
+                    Err(e) if e.raw_os_error() == Some(libc::ENOTSOCK) => {
+                        self.socket = Some(false);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            } else {
+                // SAFETY: as above.
+                sys::retry_eintr(|| unsafe { sys::fd::writev(fd, rest) })?
+            };
+            start = advance(iov, start, n)?;
+        }
+        Ok(())
+    }
+}
+
+/// The first iovec from `start` on that is not empty.
+fn skip_empty(iov: &[libc::iovec], mut start: usize) -> usize {
+    while start < iov.len() && iov[start].iov_len == 0 {
+        start += 1;
+    }
+    start
+}
+
+/// After a call that took `n` bytes of `iov[start..]`: the written iovecs are skipped and the
+/// first unfinished one is advanced; returns the new start. `WriteZero` for `n == 0`.
+fn advance(iov: &mut [libc::iovec], mut start: usize, mut n: usize) -> io::Result<usize> {
+    if n == 0 {
+        return Err(io::ErrorKind::WriteZero.into());
+    }
+    while start < iov.len() && n >= iov[start].iov_len {
+        n -= iov[start].iov_len;
+        start += 1;
+    }
+    if start == iov.len() && n > 0 {
+        // A call that claims more than it was given.
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "writev wrote more than asked"));
+    }
+    if n > 0 {
+        // `n` is less than this iovec's length: skip its first `n` bytes.
+        let v = &mut iov[start];
+        v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+        v.iov_len -= n;
+    }
+    Ok(skip_empty(iov, start))
 }
 
 /// The digest of a region's contents now: every page's hash (see `page_hash`). With
@@ -650,49 +817,17 @@ impl Batch {
     }
 }
 
-/// `writev(2)` until every byte of `iov` is written (advancing through partial writes, and
-/// through more iovecs than one call takes).
-///
-/// # Safety
-/// Every iovec must describe memory valid for reads for the duration of the call.
-unsafe fn writev_all(fd: BorrowedFd<'_>, iov: &mut [libc::iovec]) -> io::Result<()> {
-    gather_all(iov, |rest| {
-        let rest = &rest[..rest.len().min(sys::fd::IOV_MAX)];
-        // SAFETY: the caller guarantees every iovec is readable for this call; `gather_all`
-        // only hands `writev` suffixes of them, advanced within their bounds.
-        sys::retry_eintr(|| unsafe { sys::fd::writev(fd, rest) })
-    })
-}
-
 /// Calls `write` (a `writev`-like call) until every byte of `iov` is written: after a partial
 /// write, the written iovecs are skipped and the first unfinished one is advanced.
+#[cfg(test)]
 fn gather_all(
     iov: &mut [libc::iovec],
     mut write: impl FnMut(&[libc::iovec]) -> io::Result<usize>,
 ) -> io::Result<()> {
-    let mut start = 0;
-    while start < iov.len() && iov[start].iov_len == 0 {
-        start += 1;
-    }
+    let mut start = skip_empty(iov, 0);
     while start < iov.len() {
-        let mut n = write(&iov[start..])?;
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        while start < iov.len() && n >= iov[start].iov_len {
-            n -= iov[start].iov_len;
-            start += 1;
-        }
-        if start == iov.len() && n > 0 {
-            // A call that claims more than it was given.
-            return Err(io::Error::new(io::ErrorKind::InvalidData, "writev wrote more than asked"));
-        }
-        if n > 0 {
-            // `n` is less than this iovec's length: skip its first `n` bytes.
-            let v = &mut iov[start];
-            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
-            v.iov_len -= n;
-        }
+        let n = write(&iov[start..])?;
+        start = advance(iov, start, n)?;
     }
     Ok(())
 }
