@@ -372,7 +372,6 @@ fn zero_pages_travel_as_zero_runs_and_leave_zero_memory_untouched() {
 #[test]
 fn a_page_zeroed_after_its_round_is_zeroed_at_the_destination() {
     let src = tracked(&[(GuestAddress(0), MIB)]);
-    let dst = tracked(&[(GuestAddress(0), MIB)]);
     src.write_slice(&[0x77; 2 * PAGE as usize], GuestAddress(0x4000)).unwrap();
     let mut sender = Sender::new(Vec::new()).unwrap().verify_memory(true);
     sender.send_all(&src).unwrap();
@@ -382,11 +381,39 @@ fn a_page_zeroed_after_its_round_is_zeroed_at_the_destination() {
     src.write_slice(&[0; PAGE as usize], GuestAddress(0x5000)).unwrap();
     assert_eq!(sender.send_dirty(&src).unwrap(), 1);
     assert_eq!(sender.end_round().unwrap().zero_pages, 1);
+    // The same page as data again, then zero again, in one round: the later copy wins.
+    src.write_slice(&[0x99; PAGE as usize], GuestAddress(0x6000)).unwrap();
+    sender.send_ranges(&src, &[(GuestAddress(0x6000), PAGE)]).unwrap();
+    src.write_slice(&[0x98; PAGE as usize], GuestAddress(0x6000)).unwrap();
+    sender.send_ranges(&src, &[(GuestAddress(0x6000), PAGE)]).unwrap();
+    src.write_slice(&[0; PAGE as usize], GuestAddress(0x6000)).unwrap();
+    sender.send_ranges(&src, &[(GuestAddress(0x6000), PAGE)]).unwrap();
+    sender.end_round().unwrap();
     let stream = sender.finish(&src).unwrap();
-    Receiver::new(&stream[..]).receive(&dst).unwrap();
-    assert_eq!(dst.read_obj::<u64>(GuestAddress(0x4ff8)).unwrap(), 0x7777_7777_7777_7777);
-    assert_eq!(dst.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 0);
-    assert_same(&src, &dst);
+    // Through a plain reader, and through a socket (where the receiver hashes pages while the
+    // socket is empty: a page's hashes must still land in the order its copies came).
+    for vectored in [false, true] {
+        let dst = tracked(&[(GuestAddress(0), MIB)]);
+        if vectored {
+            let (mut a, b) = UnixStream::pair().unwrap();
+            let data = stream.clone();
+            let w = std::thread::spawn(move || {
+                // In small pieces, with pauses, so that the receiver finds the socket empty.
+                for piece in data.chunks(6000) {
+                    io::Write::write_all(&mut a, piece).unwrap();
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            });
+            Receiver::new_vectored(b).receive(&dst).unwrap();
+            w.join().unwrap();
+        } else {
+            Receiver::new(&stream[..]).receive(&dst).unwrap();
+        }
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(0x4ff8)).unwrap(), 0x7777_7777_7777_7777);
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(0x5000)).unwrap(), 0);
+        assert_eq!(dst.read_obj::<u64>(GuestAddress(0x6000)).unwrap(), 0);
+        assert_same(&src, &dst);
+    }
 }
 
 #[test]

@@ -450,6 +450,12 @@ impl<R: Read> Receiver<R> {
                 got: got as u64,
             });
         }
+        // This frame's data may have made pages present that the last lookup found absent.
+        if data_pages > 0 {
+            if let Some(a) = absent.as_deref_mut() {
+                a.forget();
+            }
+        }
         for run in runs.iter().filter(|r| r.zero) {
             let absent = absent.as_deref_mut().filter(|_| dest.trusted[run.region]);
             apply_zero_run(mem, run, absent)?;

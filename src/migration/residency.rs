@@ -76,8 +76,14 @@ impl<'a> AbsentPages<'a> {
         AbsentPages { pagemap, base: usize::MAX, absent: [false; WINDOW], skip_until: 0, backoff: 0 }
     }
 
+    /// Forgets the window read last (the caller wrote into memory: pages it found absent may
+    /// be there now). How often to look up is kept.
+    pub(crate) fn forget(&mut self) {
+        self.base = usize::MAX;
+    }
+
     /// Whether the page at host address `addr` (page aligned, in memory the caller trusts,
-    /// see [`absent_pages_are_zero`]) is neither present nor swapped.
+    /// see [`private_anonymous`]) is neither present nor swapped.
     #[inline]
     pub(crate) fn is_absent(&mut self, addr: usize) -> bool {
         let i = addr.wrapping_sub(self.base) / PAGE;
