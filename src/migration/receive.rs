@@ -820,7 +820,7 @@ fn apply_zero_run<M: GuestMemory + ?Sized>(
             let page = s.as_ptr().wrapping_add(off);
             // SAFETY: the page lies in the run's slice, which `mem` keeps mapped while
             // borrowed.
-            !absent.as_mut().is_some_and(|a| a.is_absent(page as usize))
+            !absent.as_mut().is_some_and(|a| a.is_absent(page as usize, (len - off) / PAGE))
                 && !unsafe { page_hash::is_zero_page(page) }
         };
         match (needs_zeroing, stretch) {

@@ -100,6 +100,8 @@ pub struct Sender<W> {
     /// Whether the stream is a socket, so that a send can be tried without blocking; `None`
     /// until found out.
     socket: Option<bool>,
+    /// The region of the last piece scanned (host address and length).
+    last_region: Option<(usize, usize)>,
 }
 
 impl<W: Write + AsFd> Sender<W> {
@@ -143,6 +145,7 @@ impl<W: Write> Sender<W> {
             batch: Batch::new(),
             pending: VecDeque::new(),
             socket: None,
+            last_region: None,
         };
         s.write_all(&stream_header(id), "writing the stream header")?;
         Ok(s)
@@ -215,6 +218,9 @@ impl<W: Write> Sender<W> {
         }
         let tables = self.tables.for_memory(mem);
         self.trusted.clear();
+        // One pagemap reader for the call: scattered pages of one window share its lookup.
+        let pagemap = self.pagemap();
+        let mut absent = pagemap.as_deref().map(AbsentPages::new);
         let before = self.round_pages;
         for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
             let (start, n) = page_range(addr, len)?;
@@ -225,8 +231,8 @@ impl<W: Write> Sender<W> {
                 let r = tables.partition_point(|t| t.first_page() <= page) - 1;
                 let region = mem.iter().nth(r).expect("one table per region");
                 let key = (region.host_ptr() as usize, region.len() as usize);
-                if let Err(e) = self.send_piece(mem, &tables, at, slice.as_ptr(), slice.len() / PAGE, r, key)
-                {
+                let piece = (at, slice.as_ptr().cast_const(), slice.len() / PAGE);
+                if let Err(e) = self.send_piece(mem, &tables, piece, r, key, absent.as_mut()) {
                     self.pending.clear();
                     return Err(e);
                 }
@@ -421,32 +427,39 @@ impl<W: Write> Sender<W> {
         Ok(())
     }
 
-    /// Scans `pages` pages of region `r` (`key`: its host address and length) from guest
-    /// address `at` (host address `host`) and adds each to the frame being built, as data or as
-    /// zero. An absent page of trusted memory (see `residency`) is zero without being read; any
-    /// other page is read up to its first non-zero bytes. Zero pages are recorded in the
+    /// Scans the piece `(at, host, pages)`: `pages` pages of region `r` (`key`: its host
+    /// address and length) from guest address `at` (host address `host`), and adds each to the
+    /// frame being built, as data or as zero. An absent page of trusted memory (see
+    /// `residency`; `absent` looks them up, shared by the pieces of a call) is zero without being
+    /// read; any other page is read up to its first non-zero bytes. Zero pages are recorded in the
     /// region's table now, data pages once they are on the stream (see [`flush`](Self::flush)).
-    #[allow(clippy::too_many_arguments)]
     fn send_piece<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         tables: &[Arc<RegionTable>],
-        at: GuestAddress,
-        host: *const u8,
-        pages: usize,
+        (at, host, pages): (GuestAddress, *const u8, usize),
         r: usize,
         key: (usize, usize),
+        mut absent: Option<&mut AbsentPages<'_>>,
     ) -> Result<()> {
         let zero_hash = page_hash::zero_page_hash();
         let table = &tables[r];
         let first = at.0 / PAGE as u64 - table.first_page();
         let mut trust = self.trust(key);
-        let pagemap = if trust != Trust::No { self.pagemap() } else { None };
-        let mut absent = pagemap.as_deref().map(AbsentPages::new);
+        if trust == Trust::No {
+            absent = None;
+        }
+        if self.last_region != Some(key) {
+            // Another region: what the lookups learnt of the last one says nothing of it.
+            if let Some(a) = absent.as_deref_mut() {
+                a.reset();
+            }
+            self.last_region = Some(key);
+        }
         self.batch.new_run = true;
         for i in 0..pages {
             let page = host.wrapping_add(i * PAGE);
-            let mut known_zero = absent.as_mut().is_some_and(|a| a.is_absent(page as usize));
+            let mut known_zero = absent.as_mut().is_some_and(|a| a.is_absent(page as usize, pages - i));
             if known_zero && trust == Trust::Maps {
                 // The first absent page: now it is worth asking about userfaultfd.
                 trust = if self.confirm(key) { Trust::Yes } else { Trust::No };
@@ -685,7 +698,7 @@ pub(super) fn memory_digest<R: GuestMemoryRegion + ?Sized>(
     let mut digest = Digest::default();
     for i in 0..n / PAGE {
         let page = host.wrapping_add(i * PAGE);
-        let hash = if absent.as_mut().is_some_and(|a| a.is_absent(page as usize)) {
+        let hash = if absent.as_mut().is_some_and(|a| a.is_absent(page as usize, n / PAGE - i)) {
             zero_hash
         } else {
             // SAFETY: the page lies in the region's slice, which `region` keeps mapped while
