@@ -24,8 +24,13 @@ use crate::sys::socket::{self, MsgFlags};
 
 /// Data bytes the sender puts in one pages frame: the pages are hashed right after the kernel
 /// copied them, so they should still be in cache (this core's L2); and each frame costs a
-/// `writev` here and two or three calls at the receiver, so frames should be large.
-const FRAME_DATA: usize = 512 << 10;
+/// `writev` here and two or three calls at the receiver, so frames should not be small.
+const FRAME_DATA: usize = 256 << 10;
+
+/// Pages a pages frame may have read (data pages, and zero pages that had to be read to be
+/// found zero): a frame of sparse data closes after this much scanning, so that the receiver
+/// gets to work on it while the next one is scanned.
+const FRAME_READ_PAGES: usize = 256;
 
 /// Data bytes hashed between two tries to send without blocking.
 const HASH_BATCH: usize = 128 << 10;
@@ -474,9 +479,9 @@ impl<W: Write> Sender<W> {
                 table.set(first + i as u64, zero_hash);
             }
             let addr = GuestAddress(at.0 + (i * PAGE) as u64);
-            if !self.batch.push(addr, zero, r) {
+            if !self.batch.push(addr, zero, r, !known_zero) {
                 self.flush(mem, tables)?;
-                let pushed = self.batch.push(addr, zero, r);
+                let pushed = self.batch.push(addr, zero, r, !known_zero);
                 debug_assert!(pushed);
             }
             self.round_pages += 1;
@@ -764,6 +769,9 @@ struct Run {
 struct Batch {
     runs: Vec<Run>,
     data_bytes: usize,
+    /// Pages of the frame that were read to be scanned (data pages, and zero pages not known
+    /// absent).
+    read_pages: usize,
     /// The next page starts a run of its own (a new piece of memory: runs never cross regions).
     new_run: bool,
     encoded: Box<[u8]>,
@@ -774,6 +782,7 @@ impl Batch {
         Batch {
             runs: Vec::with_capacity(MAX_RUNS),
             data_bytes: 0,
+            read_pages: 0,
             new_run: true,
             encoded: vec![0; MAX_RUNS * RUN_LEN].into_boxed_slice(),
         }
@@ -781,8 +790,11 @@ impl Batch {
 
     /// Adds the page at `addr` (of the region whose table is `table`); `false` if the frame is
     /// full (flush, then push again).
-    fn push(&mut self, addr: GuestAddress, zero: bool, table: usize) -> bool {
+    fn push(&mut self, addr: GuestAddress, zero: bool, table: usize, read: bool) -> bool {
         if !zero && self.data_bytes + PAGE > FRAME_DATA {
+            return false;
+        }
+        if read && self.read_pages >= FRAME_READ_PAGES {
             return false;
         }
         let extend = !self.new_run
@@ -807,12 +819,13 @@ impl Batch {
         if !zero {
             self.data_bytes += PAGE;
         }
+        self.read_pages += usize::from(read);
         true
     }
 
     #[cfg(test)]
     fn push_test(&mut self, addr: GuestAddress, zero: bool) -> bool {
-        self.push(addr, zero, 0)
+        self.push(addr, zero, 0, false)
     }
 
     fn encode_runs(&mut self) {
@@ -826,6 +839,7 @@ impl Batch {
     fn clear(&mut self) {
         self.runs.clear();
         self.data_bytes = 0;
+        self.read_pages = 0;
         self.new_run = true;
     }
 }
@@ -926,5 +940,12 @@ mod tests {
         }
         assert!(!b.push_test(page(2 * MAX_RUNS as u64), true));
         assert!(b.push_test(page(2 * MAX_RUNS as u64 - 1), true), "extending the last run is fine");
+        // The scanning limit: pages read close a frame; pages known zero without reading do not.
+        b.clear();
+        for p in 0..FRAME_READ_PAGES as u64 {
+            assert!(b.push(page(p), true, 0, true));
+        }
+        assert!(!b.push(page(FRAME_READ_PAGES as u64), true, 0, true));
+        assert!(b.push(page(FRAME_READ_PAGES as u64), true, 0, false));
     }
 }
