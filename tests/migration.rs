@@ -788,6 +788,30 @@ fn a_page_resent_in_a_later_round_wins_whichever_stream_comes_first() {
 }
 
 #[test]
+fn a_page_zeroed_on_one_stream_after_data_on_another_is_zeroed() {
+    // Round 0: 4 MiB of zero pages in 1 MiB pieces over 3 streams; stream 1's receiver finds
+    // [1 MiB, 2 MiB) absent at the destination. Round 1: a page there gets data, on stream 0.
+    // Round 2: the page is zero again, sent on stream 1 (the second range of the call), whose
+    // old lookup must not be trusted: the page became present since.
+    let page = GuestAddress(0x10_0000);
+    let src = tracked(&[(GuestAddress(0), 4 * MIB)]);
+    let mut sender = MultiSender::new(vec![Vec::new(), Vec::new(), Vec::new()]).unwrap();
+    sender.send_all(&src).unwrap();
+    sender.end_round().unwrap();
+    src.write_slice(&[0x77; PAGE as usize], page).unwrap();
+    sender.send_ranges(&src, &[(page, PAGE)]).unwrap();
+    sender.end_round().unwrap();
+    src.write_slice(&[0; PAGE as usize], page).unwrap();
+    sender.send_ranges(&src, &[(GuestAddress(0x30_0000), PAGE), (page, PAGE)]).unwrap();
+    sender.end_round().unwrap();
+    let streams = sender.finish(&src).unwrap();
+    let dst = tracked(&[(GuestAddress(0), 4 * MIB)]);
+    MultiReceiver::new(streams.iter().map(|s| &s[..]).collect()).receive(&dst).unwrap();
+    assert_eq!(dst.read_obj::<u64>(page).unwrap(), 0);
+    assert_same(&src, &dst);
+}
+
+#[test]
 fn hostile_stream_sets() {
     let src = small();
     fill(&src, 3);

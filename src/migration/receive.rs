@@ -311,6 +311,11 @@ impl<R: Read> Receiver<R> {
                         // next round's may arrive on any stream.
                         self.drain(mem, dest)?;
                         rv.end_round(index, summary.rounds)?;
+                        // The other streams' data of the round may have made pages present
+                        // that this stream's last lookup found absent.
+                        if let Some(a) = absent.as_mut() {
+                            a.forget();
+                        }
                     }
                     summary.rounds += 1;
                     (round_data, round_zero) = (0, 0);
