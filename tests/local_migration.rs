@@ -93,6 +93,25 @@ fn memfd_and_file_regions_move_without_a_copy() {
 }
 
 #[test]
+fn a_region_whose_last_page_is_partial_moves_too() {
+    let ram = MmapRegionBuilder::<AtomicBitmap>::new(MIB as usize + 100)
+        .backing(Backing::Memfd(MemfdOptions::new("odd")));
+    let src =
+        GuestMemoryMmap::from_regions(vec![GuestRegionMmap::build(ram, GuestAddress(0x10_0000)).unwrap()])
+            .unwrap();
+    src.write_slice(&[0x3c; 100], GuestAddress(0x20_0000)).unwrap();
+    let (a, b) = UnixStream::pair().unwrap();
+    let dst = std::thread::scope(|s| {
+        let dst = s.spawn(|| local::receive::<AtomicBitmap>(&b, &ReceiveOptions::default()));
+        local::send(&a, &src).unwrap();
+        dst.join().unwrap().unwrap()
+    });
+    assert_eq!(dst.regions()[0].len(), MIB + 100);
+    assert_eq!(common::contents(&src), common::contents(&dst));
+    assert!(dst.write_obj(1u8, GuestAddress(0x20_0000 + 100)).is_err());
+}
+
+#[test]
 fn hugetlb_memfds_keep_their_page_size() {
     if common::need("hugetlb", "hugetlb_memfds_keep_their_page_size", common::huge_pages(2)).is_none() {
         return;
@@ -255,7 +274,9 @@ fn hostile_records() {
         (Rec { page: 8192, ..good }, "page size"),
         (Rec { page: 2 << 20, ..good }, "page size"), // huge, but not flagged hugetlb
         (Rec { size: 0, ..good }, "size"),
-        (Rec { size: MIB + 1, ..good }, "size"),
+        (Rec { size: u64::MAX, ..good }, "size"),
+        // Huge pages are whole (a region of base pages may end with a partial page).
+        (Rec { page: 2 << 20, flags: 1, size: (2 << 20) + 4096, ..good }, "size"),
         (Rec { offset: 100, ..good }, "offset"),
         (Rec { offset: u64::MAX - 4095, ..good }, "offset"),
         (Rec { addr: 0x1234, ..good }, "guest address"),
@@ -306,6 +327,12 @@ fn hostile_descriptors() {
     );
     let e = one(Rec { offset: MIB / 2, ..good }, sealed.as_fd());
     assert!(matches!(e, LocalError::FileTooShort { .. }), "{e}");
+    // A partial last page is mapped whole: the file must hold all of it.
+    let e = one(Rec::memfd(0, MIB - 100 + 4096), sealed.as_fd());
+    assert!(
+        matches!(e, LocalError::FileTooShort { record: 0, file_size, end } if file_size == MIB && end == MIB + 4096),
+        "{e}"
+    );
     // A regular file passed as a memfd.
     let file = tmpfile(MIB);
     let e = one(good, file.as_fd());

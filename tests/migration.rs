@@ -422,12 +422,31 @@ fn random_rounds_of_data_and_zero_pages_end_equal_to_the_source() {
     // round, some absent at both ends), through a plain reader, a socket fed in small pieces,
     // and three streams; into fresh destinations and destinations of stale data. Whatever the
     // order, the destination ends equal to the source, and both digests agree.
-    let layout = [(GuestAddress(0), 64 * PAGE as usize), (GuestAddress(0x100000), 32 * PAGE as usize)];
+    random_rounds(&[(GuestAddress(0), 64 * PAGE as usize), (GuestAddress(0x100000), 32 * PAGE as usize)]);
+}
+
+#[test]
+fn regions_whose_last_page_is_partial_migrate_through_every_path() {
+    // The same rounds on regions whose last page is partial (100 and 3000 bytes of it in the
+    // region): that page travels whole, as data or as a zero run, and only its bytes in the
+    // region count at either end.
+    random_rounds(&[
+        (GuestAddress(0), 10 * PAGE as usize + 100),
+        (GuestAddress(0x100000), 5 * PAGE as usize + 3000),
+    ]);
+}
+
+fn random_rounds(layout: &[(GuestAddress, usize)]) {
     for seed in 1..=12u64 {
         let mut rng = Rng(seed * 0x9e37_79b9);
-        let src = tracked(&layout);
-        let pages: Vec<u64> =
-            src.iter().flat_map(|r| (0..r.len() / PAGE).map(move |p| r.start_addr().0 + p * PAGE)).collect();
+        let src = tracked(layout);
+        let pages: Vec<(u64, usize)> = src
+            .iter()
+            .flat_map(|r| {
+                let (start, len) = (r.start_addr().0, r.len());
+                (0..len.div_ceil(PAGE)).map(move |p| (start + p * PAGE, (len - p * PAGE).min(PAGE) as usize))
+            })
+            .collect();
         let mut single = Sender::new(Vec::new()).unwrap().verify_memory(true);
         let mut multi =
             MultiSender::new(vec![Vec::new(), Vec::new(), Vec::new()]).unwrap().verify_memory(true);
@@ -438,15 +457,15 @@ fn random_rounds_of_data_and_zero_pages_end_equal_to_the_source() {
         multi.end_round().unwrap();
         for _ in 0..5 {
             for _ in 0..(rng.next() % 12) {
-                let at = pages[(rng.next() % pages.len() as u64) as usize];
+                let (at, len) = pages[(rng.next() % pages.len() as u64) as usize];
                 let data: Vec<u8> = match rng.next() % 3 {
-                    0 => vec![0; PAGE as usize],
-                    _ => (0..PAGE).map(|_| rng.next() as u8).collect(),
+                    0 => vec![0; len],
+                    _ => (0..len).map(|_| rng.next() as u8).collect(),
                 };
                 src.write_slice(&data, GuestAddress(at)).unwrap();
                 // Sometimes sent at once (and so twice in the round, with the harvest below).
                 if rng.next().is_multiple_of(3) {
-                    single.send_ranges(&src, &[(GuestAddress(at), PAGE)]).unwrap();
+                    single.send_ranges(&src, &[(GuestAddress(at), len as u64)]).unwrap();
                 }
             }
             // The multi-stream sender gets each page once per round (see its docs).
@@ -460,7 +479,7 @@ fn random_rounds_of_data_and_zero_pages_end_equal_to_the_source() {
         let one = single.finish(&src).unwrap();
         let three = multi.finish(&src).unwrap();
         for (k, stale) in [(0, false), (1, true), (2, false), (3, true), (4, false), (4, true)] {
-            let dst = tracked(&layout);
+            let dst = tracked(layout);
             if stale {
                 for r in dst.iter() {
                     let junk: Vec<u8> = (0..r.len()).map(|_| rng.next() as u8).collect();
@@ -1142,6 +1161,56 @@ fn hostile_runs_leave_memory_untouched() {
             );
         }
     }
+}
+
+#[test]
+fn a_partial_last_page_is_whole_on_the_stream_and_nothing_past_it() {
+    // A region of one page and 100 bytes: its second page travels whole; the bytes past the
+    // region are zeros from the sender and ignored by the receiver, whatever they are.
+    let layout = [(GuestAddress(0), PAGE as usize + 100)];
+    let src = tracked(&layout);
+    src.write_slice(&[0x5a; PAGE as usize + 100], GuestAddress(0)).unwrap();
+    let mut sender = Sender::new(Vec::new()).unwrap().verify_memory(true);
+    sender.send_all(&src).unwrap();
+    sender.end_round().unwrap();
+    let mut sent = sender.finish(&src).unwrap();
+    let data = STREAM_HEADER_LEN + FRAME_HEADER_LEN + RUN_LEN;
+    assert_eq!(
+        sent[data..data + 2 * PAGE as usize].iter().filter(|&&b| b == 0x5a).count(),
+        PAGE as usize + 100
+    );
+    let pad = data + PAGE as usize + 100..data + 2 * PAGE as usize;
+    assert!(sent[pad.clone()].iter().all(|&b| b == 0), "padding sent as zeros");
+    sent[pad].fill(0xee);
+    for vectored in [false, true] {
+        let dst = tracked(&layout);
+        let summary = if vectored {
+            let (mut a, b) = UnixStream::pair().unwrap();
+            let bytes = sent.clone();
+            let w = std::thread::spawn(move || io::Write::write_all(&mut a, &bytes).unwrap());
+            let r = Receiver::new_vectored(b).receive(&dst);
+            w.join().unwrap();
+            r
+        } else {
+            Receiver::new(&sent[..]).receive(&dst)
+        }
+        .unwrap();
+        assert!(summary.memory_verified);
+        assert_same(&src, &dst);
+    }
+    // A run may cover the partial page, never a page past it; a zero run over it zeroes only
+    // the region's bytes.
+    let dst = tracked(&layout);
+    let e = Receiver::new(&stream(&[pages(&[run(0, 3, 1)], 0)])[..]).receive(&dst).unwrap_err();
+    assert!(
+        matches!(e, MigrationError::Memory { source: GuestMemoryError::NotContiguous { .. }, .. }),
+        "{e}"
+    );
+    dst.write_slice(&[1; PAGE as usize + 100], GuestAddress(0)).unwrap();
+    let e = Receiver::new(&stream(&[pages(&[run(PAGE, 1, 1)], 0)])[..]).receive(&dst).unwrap_err();
+    assert!(matches!(e, MigrationError::Truncated { .. }), "{e}");
+    let c = common::contents(&dst);
+    assert!(c[0][..PAGE as usize].iter().all(|&b| b == 1) && c[0][PAGE as usize..].iter().all(|&b| b == 0));
 }
 
 #[test]

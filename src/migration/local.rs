@@ -12,8 +12,10 @@
 //! - counts are bounded ([`ReceiveOptions::max_regions`]), and nothing is allocated before the
 //!   count is checked;
 //! - every record has exactly one descriptor, and only known kinds, flags and protections;
-//!   sizes, offsets and guest addresses are multiples of the page size and do not overflow;
-//! - the descriptor is a regular file (`fstat`), long enough for the region, on a filesystem
+//!   offsets and guest addresses are multiples of the page size, sizes too on hugetlbfs (a
+//!   region of base pages may end with a partial page), and nothing overflows;
+//! - the descriptor is a regular file (`fstat`), long enough for the region's whole pages, on
+//!   a filesystem
 //!   whose page size is the one described (hugetlbfs is detected with `fstatfs`);
 //! - a region described as a memfd is one (its `/proc/self/fd` link), its seals include every
 //!   seal the description promises, and any memfd at all, however described, must carry the
@@ -133,8 +135,9 @@ pub enum LocalError {
         max: usize,
     },
     /// A header or record field the protocol does not allow (a reserved field not zero, an
-    /// unknown kind, flag or protection, a size, offset or address not a multiple of the page
-    /// size, a sum that overflows, a total that disagrees with the records).
+    /// unknown kind, flag or protection, an offset or address not a multiple of the page size,
+    /// a hugetlb size not one either, a sum that overflows, a total that disagrees with the
+    /// records).
     #[error("{}: invalid {what}", describe(*record))]
     Invalid {
         /// The record (`None`: the header).
@@ -459,10 +462,15 @@ fn parse_record(r: &[u8; RECORD_LEN], index: usize) -> Result<Record> {
     if ![base, 2 << 20, 1 << 30].contains(&record.page_size) || record.hugetlb != (record.page_size != base) {
         return Err(invalid("page size"));
     }
-    if record.size == 0 || !record.size.is_multiple_of(record.page_size) {
+    // A region of base pages may end with a partial page; a hugetlb region is whole pages.
+    let whole = record.size.checked_next_multiple_of(record.page_size);
+    if record.size == 0 || whole.is_none() || record.hugetlb && !record.size.is_multiple_of(record.page_size)
+    {
         return Err(invalid("size"));
     }
-    if !record.offset.is_multiple_of(record.page_size) || record.offset.checked_add(record.size).is_none() {
+    if !record.offset.is_multiple_of(record.page_size)
+        || whole.and_then(|w| record.offset.checked_add(w)).is_none()
+    {
         return Err(invalid("offset"));
     }
     if !record.addr.0.is_multiple_of(record.page_size) || record.addr.0.checked_add(record.size - 1).is_none()
@@ -486,7 +494,8 @@ fn check_descriptor(r: &Record, fd: BorrowedFd<'_>, index: usize, options: &Rece
     if actual_page != r.page_size {
         return Err(LocalError::PageSize { record: index, described: r.page_size, actual: actual_page });
     }
-    let end = r.offset + r.size;
+    // The mapping covers the last page whole (checked not to overflow).
+    let end = r.offset + r.size.next_multiple_of(r.page_size);
     if st.size < end {
         return Err(LocalError::FileTooShort { record: index, file_size: st.size, end });
     }

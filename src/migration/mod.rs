@@ -70,6 +70,11 @@
 //! a kind (`u32`: 0 = data, its pages follow in the frame's data; 1 = zero, nothing follows).
 //! A run lies in one writable destination region; the runs of a frame are in ascending,
 //! non-overlapping order, and the data bytes are exactly 4096 times the data runs' pages.
+//! Regions start on a page; a region whose length is not a multiple of 4096 ends with a
+//! partial page, which travels whole like any other: the sender pads its bytes past the
+//! region with zeros, the receiver writes only the bytes inside the region (and ignores the
+//! rest), and both hash and zero-test it as its bytes followed by zeros. A run may cover that
+//! page, never a page past it.
 //! Pages and end-of-round frames come in any number; then stream 0 has exactly one checksums
 //! frame (one entry per destination region, in address order) and every stream ends with
 //! done. Type 5 is kept for an opaque blob of device (vCPU) state that a later version will

@@ -6,9 +6,8 @@ use std::io::{Read, Write};
 use std::os::fd::AsFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-use super::page_hash::PAGE;
 use super::receive::Destination;
-use super::send::check_regions;
+use super::send::{check_range, check_regions};
 use super::tables::Tables;
 use super::{
     new_session, MigrationError, ReceiveSummary, Receiver, Result, RoundEnd, Sender, StreamId, MAX_STREAMS,
@@ -128,26 +127,15 @@ impl<W: Write + Send> MultiSender<W> {
     ) -> Result<u64> {
         check_regions(mem)?;
         for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
-            let end = addr.0.checked_add(len).and_then(|e| e.checked_next_multiple_of(PAGE as u64));
-            let n = end.map(|e| e - (addr.0 & !(PAGE as u64 - 1))).and_then(|n| usize::try_from(n).ok());
-            let Some(n) = n else {
-                return Err(MigrationError::Memory {
-                    addr,
-                    len,
-                    source: crate::memory::GuestMemoryError::Overflow { addr, len: usize::MAX },
-                });
-            };
-            mem.check_access(GuestAddress(addr.0 & !(PAGE as u64 - 1)), n, false)
-                .map_err(|source| MigrationError::Memory { addr, len, source })?;
+            check_range(mem, addr, len)?;
         }
-        // Deal whole-page pieces out to the streams in turn.
+        // Deal the ranges out to the streams in turn, in pieces that end on 1 MiB boundaries
+        // (each sender rounds its pieces out to whole pages: two pieces never share a page).
         let count = self.senders.len();
         let mut shares: Vec<Vec<(GuestAddress, u64)>> = vec![Vec::new(); count];
         let mut next = 0;
         for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
-            let start = addr.0 & !(PAGE as u64 - 1);
-            let end = (addr.0 + len).next_multiple_of(PAGE as u64);
-            let mut at = start;
+            let (mut at, end) = (addr.0, addr.0 + len);
             while at < end {
                 let n = (end - at).min(PIECE - at % PIECE);
                 shares[next].push((GuestAddress(at), n));

@@ -122,6 +122,8 @@ pub struct Receiver<R> {
     /// Bytes consumed so far: the position errors report.
     offset: u64,
     bounce: Vec<u8>,
+    /// Where the bytes of a partial last page past its region are read to (vectored path).
+    scratch: Box<[u8]>,
     /// The runs of the pages frame being read, as they arrived.
     raw_runs: Box<[u8]>,
     /// The next frame's header, read with the previous frame's data (vectored path).
@@ -147,6 +149,9 @@ struct Ahead {
 struct Run {
     addr: GuestAddress,
     pages: u64,
+    /// Its bytes inside its region: `pages` × 4096, or fewer when it ends with the region's
+    /// partial last page (on the stream the page is whole; the rest is ignored).
+    valid: u64,
     zero: bool,
     region: usize,
 }
@@ -172,6 +177,7 @@ impl<R: Read> Receiver<R> {
             fd,
             offset: 0,
             bounce: Vec::new(),
+            scratch: vec![0; PAGE].into_boxed_slice(),
             raw_runs: vec![0; MAX_RUNS * RUN_LEN].into_boxed_slice(),
             ahead: None,
             pending: VecDeque::new(),
@@ -441,7 +447,7 @@ impl<R: Read> Receiver<R> {
             }
             let len = run.pages as usize * PAGE;
             let here = left.min(len);
-            slice(mem, run.addr, len)?.bitmap().mark_dirty(0, here);
+            slice(mem, run.addr, run.valid as usize)?.bitmap().mark_dirty(0, here.min(run.valid as usize));
             if here == len {
                 self.pending.push_back(*run);
             }
@@ -492,7 +498,12 @@ impl<R: Read> Receiver<R> {
             Some(fd) => {
                 let mut iov = Vec::with_capacity(runs.len() + 1);
                 for run in runs.iter().filter(|r| !r.zero) {
-                    iov.push(slice(mem, run.addr, run.pages as usize * PAGE)?.as_iovec());
+                    iov.push(slice(mem, run.addr, run.valid as usize)?.as_iovec());
+                    // A partial last page's bytes past the region go to the scratch page.
+                    let pad = run.pages as usize * PAGE - run.valid as usize;
+                    if pad > 0 {
+                        iov.push(libc::iovec { iov_base: self.scratch.as_mut_ptr().cast(), iov_len: pad });
+                    }
                 }
                 let mut ahead =
                     Ahead { offset: self.offset + len as u64, bytes: [0; FRAME_HEADER_LEN], got: 0 };
@@ -518,7 +529,7 @@ impl<R: Read> Receiver<R> {
                 }
                 let mut total = 0;
                 for run in runs.iter().filter(|r| !r.zero) {
-                    let s = slice(mem, run.addr, run.pages as usize * PAGE)?;
+                    let s = slice(mem, run.addr, run.valid as usize)?;
                     let mut done = 0;
                     while done < s.len() {
                         let k = (s.len() - done).min(BOUNCE_LEN);
@@ -538,6 +549,17 @@ impl<R: Read> Receiver<R> {
                         total += n;
                         self.offset += n as u64;
                     }
+                    // The bytes of a partial last page past the region: read and dropped.
+                    let mut pad = run.pages as usize * PAGE - s.len();
+                    while pad > 0 {
+                        let n = read_some(&mut self.stream, &mut self.bounce[..pad], "reading page data")?;
+                        if n == 0 {
+                            return Ok(total);
+                        }
+                        pad -= n;
+                        total += n;
+                        self.offset += n as u64;
+                    }
                 }
                 Ok(total)
             }
@@ -554,13 +576,8 @@ impl<R: Read> Receiver<R> {
             table.set_range(first, run.pages, page_hash::zero_page_hash());
             return Ok(true);
         }
-        let s = slice(mem, run.addr, run.pages as usize * PAGE)?;
-        for p in 0..run.pages as usize {
-            // SAFETY: page `p` lies in the run's slice of guest memory, which `mem` keeps
-            // mapped while borrowed.
-            let hash = unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) };
-            table.set(first + p as u64, hash);
-        }
+        let s = slice(mem, run.addr, run.valid as usize)?;
+        super::send::hash_pages(&s, |p, hash| table.set(first + p as u64, hash));
         Ok(true)
     }
 
@@ -768,7 +785,19 @@ fn parse_runs<M: GuestMemory + ?Sized>(
         end = addr.checked_add(len).ok_or_else(|| {
             memory_error(GuestMemoryError::Overflow { addr: GuestAddress(addr), len: len as usize })
         })?;
-        let s = mem.get_slice(GuestAddress(addr), len as usize).map_err(memory_error)?;
+        // In one region, whose last page may be partial: only its bytes in the region count.
+        let Some((region, _)) = mem.to_region_addr(GuestAddress(addr)) else {
+            return Err(memory_error(GuestMemoryError::InvalidGuestAddress(GuestAddress(addr))));
+        };
+        let region_end = region.start_addr().0.saturating_add(region.len());
+        if end > region_end.next_multiple_of(PAGE as u64) {
+            return Err(memory_error(GuestMemoryError::NotContiguous {
+                addr: GuestAddress(addr),
+                len: len as usize,
+            }));
+        }
+        let valid = len.min(region_end - addr);
+        let s = mem.get_slice(GuestAddress(addr), valid as usize).map_err(memory_error)?;
         if !s.is_writable() {
             return Err(memory_error(GuestMemoryError::ReadOnly {
                 addr: GuestAddress(addr),
@@ -784,6 +813,7 @@ fn parse_runs<M: GuestMemory + ?Sized>(
         runs.push(Run {
             addr: GuestAddress(addr),
             pages,
+            valid,
             zero: zero_run,
             region: dest.region_of(addr / PAGE as u64),
         });
@@ -811,7 +841,8 @@ fn apply_zero_run<M: GuestMemory + ?Sized>(
     run: &Run,
     mut absent: Option<&mut AbsentPages<'_>>,
 ) -> Result<()> {
-    let len = run.pages as usize * PAGE;
+    // Only the bytes in the region: a partial last page is checked and zeroed in part.
+    let len = run.valid as usize;
     let s = slice(mem, run.addr, len)?;
     let memory_error = |e| MigrationError::Memory {
         addr: run.addr,
@@ -820,18 +851,24 @@ fn apply_zero_run<M: GuestMemory + ?Sized>(
     };
     // Pages that are not zero yet are zeroed in stretches, one fill per stretch.
     let mut stretch: Option<usize> = None;
-    for off in (0..=len).step_by(PAGE) {
+    for off in (0..len.next_multiple_of(PAGE) + PAGE).step_by(PAGE) {
         let needs_zeroing = off < len && {
             let page = s.as_ptr().wrapping_add(off);
-            // SAFETY: the page lies in the run's slice, which `mem` keeps mapped while
-            // borrowed.
-            !absent.as_mut().is_some_and(|a| a.is_absent(page as usize, (len - off) / PAGE))
-                && !unsafe { page_hash::is_zero_page(page) }
+            let left = (len - off).div_ceil(PAGE);
+            !absent.as_mut().is_some_and(|a| a.is_absent(page as usize, left))
+                && if len - off >= PAGE {
+                    // SAFETY: the page lies in the run's slice, which `mem` keeps mapped while
+                    // borrowed.
+                    !unsafe { page_hash::is_zero_page(page) }
+                } else {
+                    s.subslice(off, len - off).map(|t| super::send::padded(&t) != [0; PAGE]).unwrap_or(true)
+                }
         };
         match (needs_zeroing, stretch) {
             (true, None) => stretch = Some(off),
             (false, Some(from)) => {
-                s.subslice(from, off - from).and_then(|p| p.fill(0)).map_err(memory_error)?;
+                let to = off.min(len);
+                s.subslice(from, to - from).and_then(|p| p.fill(0)).map_err(memory_error)?;
                 stretch = None;
             }
             _ => {}

@@ -214,12 +214,7 @@ impl<W: Write> Sender<W> {
         check_regions(mem)?;
         // An empty range sends nothing, so its address needs no memory behind it.
         for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
-            let (start, n) = page_range(addr, len)?;
-            mem.check_access(start, n, false).map_err(|source| MigrationError::Memory {
-                addr,
-                len,
-                source,
-            })?;
+            check_range(mem, addr, len)?;
         }
         let tables = self.tables.for_memory(mem);
         self.trusted.clear();
@@ -228,20 +223,26 @@ impl<W: Write> Sender<W> {
         let mut absent = pagemap.as_deref().map(AbsentPages::new);
         let before = self.round_pages;
         for &(addr, len) in ranges.iter().filter(|r| r.1 > 0) {
-            let (start, n) = page_range(addr, len)?;
-            let mut at = start;
-            for slice in mem.get_slices(start, n) {
+            // The range's bytes, region by region, each piece rounded out to whole pages (the
+            // last page of a region whose length is not a page multiple is partial).
+            let mut at = addr.0;
+            for slice in mem.get_slices(addr, len as usize) {
                 let slice = slice.map_err(|source| MigrationError::Memory { addr, len, source })?;
-                let page = at.0 / PAGE as u64;
-                let r = tables.partition_point(|t| t.first_page() <= page) - 1;
+                let end = at + slice.len() as u64;
+                let r = tables.partition_point(|t| t.first_page() <= at / PAGE as u64) - 1;
                 let region = mem.iter().nth(r).expect("one table per region");
                 let key = (region.host_ptr() as usize, region.len() as usize);
-                let piece = (at, slice.as_ptr().cast_const(), slice.len() / PAGE);
+                let first = at & !(PAGE as u64 - 1);
+                let pages = (end.next_multiple_of(PAGE as u64) - first) / PAGE as u64;
+                // The piece's first page starts in the region (regions start on a page): its
+                // host address is in the region's mapping, which covers whole pages.
+                let host = slice.as_ptr().cast_const().wrapping_sub((at - first) as usize);
+                let piece = (GuestAddress(first), host, pages as usize);
                 if let Err(e) = self.send_piece(mem, &tables, piece, r, key, absent.as_mut()) {
                     self.pending.clear();
                     return Err(e);
                 }
-                at = GuestAddress(at.0 + slice.len() as u64);
+                at = end;
             }
         }
         let flushed = self.flush(mem, &tables);
@@ -472,13 +473,26 @@ impl<W: Write> Sender<W> {
                     (known_zero, absent) = (false, None);
                 }
             }
-            // SAFETY: the page lies in the slice of guest memory the caller got from `mem`
-            // (`pages` whole pages from `host`), which `mem` keeps mapped while borrowed.
-            let zero = known_zero || unsafe { page_hash::is_zero_page(page) };
+            let addr = GuestAddress(at.0 + (i * PAGE) as u64);
+            let valid = valid_bytes(addr.0, table.end());
+            let zero = known_zero
+                || if valid < PAGE {
+                    // A region's partial last page: its bytes in the region, then zeros.
+                    let s = mem.get_slice(addr, valid).map_err(|source| MigrationError::Memory {
+                        addr,
+                        len: valid as u64,
+                        source,
+                    })?;
+                    padded(&s).iter().all(|&b| b == 0)
+                } else {
+                    // SAFETY: the page lies in the slice of guest memory the caller got from
+                    // `mem` (`pages` whole pages from `host`, all in the region), which `mem`
+                    // keeps mapped while borrowed.
+                    unsafe { page_hash::is_zero_page(page) }
+                };
             if zero {
                 table.set(first + i as u64, zero_hash);
             }
-            let addr = GuestAddress(at.0 + (i * PAGE) as u64);
             if !self.batch.push(addr, zero, r, !known_zero) {
                 self.flush(mem, tables)?;
                 let pushed = self.batch.push(addr, zero, r, !known_zero);
@@ -504,8 +518,11 @@ impl<W: Write> Sender<W> {
         let runs_len = n * RUN_LEN;
         self.batch.encode_runs();
         let data_len = self.batch.data_bytes;
+        // A data run's bytes in its region (all of it, unless it ends with a partial page); the
+        // zeros that pad it to whole pages on the stream follow it.
         let run_slice = |run: &Run| {
-            let len = run.pages as usize * PAGE;
+            let end = tables[run.table].end();
+            let len = (run.pages as usize * PAGE).min(end.saturating_sub(run.addr.0) as usize);
             mem.get_slice(run.addr, len).map_err(|source| MigrationError::Memory {
                 addr: run.addr,
                 len: len as u64,
@@ -518,7 +535,12 @@ impl<W: Write> Sender<W> {
                 iov.push(libc::iovec { iov_base: header.as_ptr() as *mut _, iov_len: header.len() });
                 iov.push(libc::iovec { iov_base: self.batch.encoded.as_ptr() as *mut _, iov_len: runs_len });
                 for run in self.batch.runs.iter().filter(|r| !r.zero) {
-                    iov.push(run_slice(run)?.as_iovec());
+                    let s = run_slice(run)?;
+                    iov.push(s.as_iovec());
+                    let pad = run.pages as usize * PAGE - s.len();
+                    if pad > 0 {
+                        iov.push(libc::iovec { iov_base: ZERO_PAGE.as_ptr() as *mut _, iov_len: pad });
+                    }
                 }
                 // SAFETY: the first two iovecs describe `header` and the encoded runs, not
                 // touched until the call returns; the others describe slices of guest memory
@@ -549,6 +571,8 @@ impl<W: Write> Sender<W> {
                         self.stream.write_all(&self.bounce[..k]).map_err(io_error("writing page data"))?;
                         done += k;
                     }
+                    let pad = run.pages as usize * PAGE - s.len();
+                    self.stream.write_all(&ZERO_PAGE[..pad]).map_err(io_error("writing page data"))?;
                 }
             }
         }
@@ -572,20 +596,15 @@ impl<W: Write> Sender<W> {
         tables: &[Arc<RegionTable>],
     ) -> Result<bool> {
         let Some(run) = self.pending.pop_front() else { return Ok(false) };
-        let len = run.pages as usize * PAGE;
+        let table = &tables[run.table];
+        let len = (run.pages as usize * PAGE).min(table.end().saturating_sub(run.addr.0) as usize);
         let s = mem.get_slice(run.addr, len).map_err(|source| MigrationError::Memory {
             addr: run.addr,
             len: len as u64,
             source,
         })?;
-        let table = &tables[run.table];
         let first = run.addr.0 / PAGE as u64 - table.first_page();
-        for p in 0..run.pages as usize {
-            // SAFETY: page `p` lies in the run's slice of guest memory, which `mem` keeps
-            // mapped while borrowed.
-            let hash = unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) };
-            table.set(first + p as u64, hash);
-        }
+        hash_pages(&s, |p, hash| table.set(first + p as u64, hash));
         Ok(true)
     }
 
@@ -701,10 +720,21 @@ pub(super) fn memory_digest<R: GuestMemoryRegion + ?Sized>(
     let zero_hash = page_hash::zero_page_hash();
     let first_page = start.0 / PAGE as u64;
     let mut digest = Digest::default();
-    for i in 0..n / PAGE {
+    let pages = n.div_ceil(PAGE);
+    for i in 0..pages {
         let page = host.wrapping_add(i * PAGE);
-        let hash = if absent.as_mut().is_some_and(|a| a.is_absent(page as usize, n / PAGE - i)) {
+        let hash = if absent.as_mut().is_some_and(|a| a.is_absent(page as usize, pages - i)) {
             zero_hash
+        } else if (i + 1) * PAGE > n {
+            // The partial last page: its bytes, then zeros.
+            let s = slice.subslice(i * PAGE, n - i * PAGE).map_err(|e| MigrationError::Memory {
+                addr: start,
+                len,
+                source: GuestMemoryError::from_volatile(start, e),
+            })?;
+            let page = padded(&s);
+            // SAFETY: `page` is a 4096-byte local array.
+            unsafe { page_hash::hash_page(page.as_ptr()) }
         } else {
             // SAFETY: the page lies in the region's slice, which `region` keeps mapped while
             // borrowed.
@@ -715,24 +745,25 @@ pub(super) fn memory_digest<R: GuestMemoryRegion + ?Sized>(
     Ok(digest.finish())
 }
 
-/// The whole pages holding `[addr, addr + len)` (`len > 0`): their first address and length.
-fn page_range(addr: GuestAddress, len: u64) -> Result<(GuestAddress, usize)> {
+/// Checks that `[addr, addr + len)` (`len > 0`) lies in `mem` and that the whole pages holding
+/// it do not wrap past the top of the address space.
+pub(super) fn check_range<M: GuestMemory + ?Sized>(mem: &M, addr: GuestAddress, len: u64) -> Result<()> {
     let overflow = || MigrationError::Memory {
         addr,
         len,
         source: GuestMemoryError::Overflow { addr, len: usize::try_from(len).unwrap_or(usize::MAX) },
     };
-    let start = addr.0 & !(PAGE as u64 - 1);
-    let end =
-        addr.0.checked_add(len).and_then(|e| e.checked_next_multiple_of(PAGE as u64)).ok_or_else(overflow)?;
-    let n = usize::try_from(end - start).map_err(|_| overflow())?;
-    Ok((GuestAddress(start), n))
+    addr.0.checked_add(len).and_then(|e| e.checked_next_multiple_of(PAGE as u64)).ok_or_else(overflow)?;
+    let n = usize::try_from(len).map_err(|_| overflow())?;
+    mem.check_access(addr, n, false).map_err(|source| MigrationError::Memory { addr, len, source })
 }
 
-/// Every region of `mem` starts and ends on a stream page, or the stream cannot carry it.
-pub(super) fn check_regions<M: GuestMemory + ?Sized>(mem: &M) -> Result<()> {
+/// Every region of `mem` starts on a stream page, or the stream cannot carry it. (Its length
+/// need not be a page multiple: its last page is then partial, and only its bytes inside the
+/// region count.)
+pub(crate) fn check_regions<M: GuestMemory + ?Sized>(mem: &M) -> Result<()> {
     for r in mem.iter() {
-        if !r.start_addr().0.is_multiple_of(PAGE as u64) || !r.len().is_multiple_of(PAGE as u64) {
+        if !r.start_addr().0.is_multiple_of(PAGE as u64) {
             return Err(MigrationError::Memory {
                 addr: r.start_addr(),
                 len: r.len(),
@@ -741,6 +772,43 @@ pub(super) fn check_regions<M: GuestMemory + ?Sized>(mem: &M) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The bytes of the page at `addr` (page aligned) that lie in its region, which ends at
+/// `end`: 4096, or fewer for a region's partial last page.
+fn valid_bytes(addr: u64, end: u64) -> usize {
+    end.saturating_sub(addr).min(PAGE as u64) as usize
+}
+
+/// A partial page's bytes (`s`, fewer than 4096) followed by zeros: what its hash and zero test
+/// see.
+pub(super) fn padded<S: crate::bitmap::BitmapSlice>(s: &crate::volatile::VolatileSlice<'_, S>) -> [u8; PAGE] {
+    let mut page = [0u8; PAGE];
+    s.copy_to(&mut page[..s.len().min(PAGE)]);
+    page
+}
+
+/// Zeros, for the bytes of a partial page past its region's end on the stream.
+static ZERO_PAGE: [u8; PAGE] = [0; PAGE];
+
+/// Calls `record(p, hash)` with the hash of every page `p` of the slice `s` (whole pages from
+/// a page boundary, the last one possibly partial: its bytes, then zeros).
+pub(super) fn hash_pages<S: crate::bitmap::BitmapSlice>(
+    s: &crate::volatile::VolatileSlice<'_, S>,
+    mut record: impl FnMut(usize, u32),
+) {
+    let whole = s.len() / PAGE;
+    for p in 0..whole {
+        // SAFETY: page `p` lies in the slice, valid for reads while it is borrowed.
+        record(p, unsafe { page_hash::hash_page(s.as_ptr().add(p * PAGE)) });
+    }
+    if let Ok(tail) = s.subslice(whole * PAGE, s.len() - whole * PAGE) {
+        if !tail.is_empty() {
+            let page = padded(&tail);
+            // SAFETY: `page` is a 4096-byte local array.
+            record(whole, unsafe { page_hash::hash_page(page.as_ptr()) });
+        }
+    }
 }
 
 /// What a sender knows of a region's absent pages (see `residency`).

@@ -22,20 +22,28 @@ const CHUNK_PAGES: u64 = 1 << 14;
 pub(crate) struct RegionTable {
     /// The region's first guest page number.
     first_page: u64,
-    /// Its pages.
+    /// Its length in bytes (its last page may be partial).
+    len: u64,
+    /// Its pages (the partial one included).
     pages: u64,
     chunks: Box<[OnceLock<Box<[AtomicU32]>>]>,
 }
 
 impl RegionTable {
-    fn new(first_page: u64, pages: u64) -> Self {
+    fn new(first_page: u64, len: u64) -> Self {
+        let pages = len.div_ceil(PAGE as u64);
         let chunks = (0..pages.div_ceil(CHUNK_PAGES)).map(|_| OnceLock::new()).collect();
-        RegionTable { first_page, pages, chunks }
+        RegionTable { first_page, len, pages, chunks }
     }
 
     /// The region's first guest page number.
     pub(crate) fn first_page(&self) -> u64 {
         self.first_page
+    }
+
+    /// The region's end (the guest address past its last byte).
+    pub(crate) fn end(&self) -> u64 {
+        self.first_page * PAGE as u64 + self.len
     }
 
     fn chunk(&self, c: usize) -> &[AtomicU32] {
@@ -108,7 +116,7 @@ fn fmix64(mut h: u64) -> u64 {
 }
 
 /// The tables of one side of a migration, one per region seen, found by the region's first
-/// page and length (a region replaced by another of another size gets a new table).
+/// page and length in bytes (a region replaced by another of another size gets a new table).
 #[derive(Debug, Default)]
 pub(crate) struct Tables {
     regions: Mutex<Vec<Arc<RegionTable>>>,
@@ -116,16 +124,16 @@ pub(crate) struct Tables {
 
 impl Tables {
     /// The tables of `mem`'s regions, in `mem.iter()` order, made for regions not seen before.
-    /// Every region must start and end on a stream page (the caller checked).
+    /// Every region must start on a stream page (the caller checked).
     pub(crate) fn for_memory<M: GuestMemory + ?Sized>(&self, mem: &M) -> Vec<Arc<RegionTable>> {
         let mut known = self.regions.lock().unwrap_or_else(|e| e.into_inner());
         mem.iter()
             .map(|r| {
-                let (first, pages) = (r.start_addr().0 / PAGE as u64, r.len() / PAGE as u64);
-                match known.binary_search_by_key(&(first, pages), |t| (t.first_page, t.pages)) {
+                let (first, len) = (r.start_addr().0 / PAGE as u64, r.len());
+                match known.binary_search_by_key(&(first, len), |t| (t.first_page, t.len)) {
                     Ok(i) => known[i].clone(),
                     Err(i) => {
-                        let t = Arc::new(RegionTable::new(first, pages));
+                        let t = Arc::new(RegionTable::new(first, len));
                         known.insert(i, t.clone());
                         t
                     }
@@ -141,7 +149,7 @@ mod tests {
 
     #[test]
     fn digests_are_order_free_and_see_every_entry() {
-        let t = RegionTable::new(10, 3 * CHUNK_PAGES + 5);
+        let t = RegionTable::new(10, (3 * CHUNK_PAGES + 5) * PAGE as u64);
         assert_eq!(t.digest(), 0, "an empty table");
         t.set(0, 7);
         t.set(3 * CHUNK_PAGES + 4, 9);
@@ -159,7 +167,8 @@ mod tests {
         d.add(10 + 3 * CHUNK_PAGES + 4, 9);
         assert_eq!(t.digest(), d.finish());
         // The same hash at another page, or another hash at the same page, differs.
-        let (a, b) = (RegionTable::new(0, 4), RegionTable::new(0, 4));
+        let (a, b) = (RegionTable::new(0, 4 * PAGE as u64), RegionTable::new(0, 4 * PAGE as u64 - 3));
+        assert_eq!((a.pages, b.pages, b.end()), (4, 4, 4 * PAGE as u64 - 3));
         a.set(1, 5);
         b.set(2, 5);
         assert_ne!(a.digest(), b.digest());
