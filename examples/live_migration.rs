@@ -150,7 +150,8 @@ fn with_kvm_guest(
             }
             Ok(writes)
         });
-        let sender = Sender::new_vectored(TcpStream::connect(addr)?)?;
+        // The final check compares every region's contents too, read at both ends.
+        let sender = Sender::new_vectored(TcpStream::connect(addr)?)?.verify_memory(true);
         let mut precopy = Precopy::new(sender, src, config, &mut sync);
         precopy.run()?;
         // Pause: the vCPU stops at its next I/O exit (at most `writes_per_exit` writes away).
@@ -241,7 +242,8 @@ fn with_host_guest(
             }
             Ok(())
         });
-        let sender = Sender::new_vectored(TcpStream::connect(addr)?)?;
+        // The final check compares every region's contents too, read at both ends.
+        let sender = Sender::new_vectored(TcpStream::connect(addr)?)?.verify_memory(true);
         let mut precopy = Precopy::new(sender, src, config, || Ok::<(), std::io::Error>(()));
         precopy.run()?;
         let pause = Instant::now();

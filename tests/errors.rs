@@ -1,8 +1,9 @@
 //! Every variant of every public error enum is produced by a real call through the public API:
 //! for each enum, an exhaustive `match` names the variants (a new variant does not compile until
 //! it is listed here), and the test makes the library produce each one. (`HostError` is covered
-//! by a unit test in `src/host`, which needs its private parsers; `KvmError`, `SnapshotError`
-//! and `MigrationError` in `tests/kvm.rs`, `tests/snapshot.rs` and `tests/migration.rs`.)
+//! by a unit test in `src/host`, which needs its private parsers; `KvmError`, `SnapshotError`,
+//! `MigrationError` and `LocalError` in `tests/kvm.rs`, `tests/snapshot.rs`,
+//! `tests/migration.rs` and `tests/local_migration.rs`.)
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicU32, Ordering};

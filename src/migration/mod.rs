@@ -1,49 +1,103 @@
 //! Live migration of guest memory: a framed page stream that any byte stream carries (TCP,
 //! Unix sockets, pipes, files), a [`Sender`] that puts guest pages on it, a [`Receiver`] that
-//! validates every frame and writes the pages into destination memory, and [`Precopy`], the
+//! validates every frame and writes the pages into destination memory, [`MultiSender`] and
+//! [`MultiReceiver`] that spread one migration over several connections, [`Precopy`], the
 //! pre-copy round logic (round 0 = all of memory, then rounds of dirty pages until the rest
-//! fits in a downtime budget).
+//! fits in a downtime budget), and [`local`], migration to another process on the same host
+//! by passing the memory's file descriptors instead of its contents.
 //!
 //! # The model
 //!
 //! - The source harvests its dirty pages (the union of the VMM's writes, which guestmem's
 //!   bitmaps track, and the guest's, which a caller-supplied *sync hook* merges in from KVM,
-//!   e.g. `KvmSlots::sync_dirty_log` of the `kvm` feature), and sends
-//!   them. A harvest clears the bits *before* the pages are read, so a page written during the
-//!   send is dirty again and goes in a later round: no write is lost. If a send fails, the
-//!   harvested ranges are put back ([`GuestMemoryMmap::restore_dirty_ranges`](crate::GuestMemoryMmap::restore_dirty_ranges)).
+//!   e.g. `KvmSlots::sync_dirty_log` of the `kvm` feature), and sends them. A harvest clears
+//!   the bits *before* the pages are read, so a page written during the send is dirty again
+//!   and goes in a later round: no write is lost. If a send fails, the harvested ranges are put
+//!   back ([`GuestMemoryMmap::restore_dirty_ranges`](crate::GuestMemoryMmap::restore_dirty_ranges)).
+//! - The stream moves 4 KiB pages ([`STREAM_PAGE_SIZE`]); ranges are rounded out to whole
+//!   pages. A page of zeros never travels as data: the sender finds it (a page that was never
+//!   touched, from `/proc/self/pagemap`, without reading it; any other by reading it) and sends
+//!   a *zero run* instead, a 16-byte entry for any number of pages. The destination makes the
+//!   run zero without touching what already is: a private anonymous page that is not there
+//!   (never touched, or discarded) reads as zero and is left alone; a page that is there is
+//!   read and written only if it is not zero already (it may hold an earlier round's data).
 //! - On an fd ([`Sender::new_vectored`]), frame headers and guest pages leave together in one
-//!   `writev(2)` per batch, straight from guest memory (no bounce buffer). On any other
-//!   `Write` ([`Sender::new`]), pages are copied through a small buffer.
-//! - The destination reads into its memory through the API
-//!   ([`Bytes::read_exact_volatile_from`](crate::Bytes::read_exact_volatile_from)): its own
-//!   dirty tracking sees every page that arrives.
-//! - When the source is paused, the final round goes out, then a checksum of every region's
-//!   full contents ([`Checksum`](crate::checksum::Checksum)); the receiver compares them with its own memory and fails
-//!   naming the region that differs.
+//!   `writev(2)` per frame, straight from guest memory; the destination reads page data
+//!   straight into its memory with `readv(2)`. On any other `Write`/`Read`, pages go through a
+//!   small buffer. The destination's own dirty tracking sees every page the stream sets.
+//! - Integrity: each end computes a 32-bit hash of every data page while the page is in cache
+//!   (right after the kernel copied it onto the stream, or off it) and keeps the latest one per
+//!   page, in a table of 4 bytes per 4 KiB of guest memory. At the end the source sends, per
+//!   region, a digest of its table (every page's last sent contents), and the receiver compares
+//!   it with the digest of its own (every page's last received contents): a corrupted, lost,
+//!   misplaced or stale page (a round-`k` copy that won over round `k + 1`'s) fails the
+//!   migration, naming the region. A page written *while* it was sent may differ from its
+//!   hash; it is dirty, so a later round sends it again and both tables agree once the source
+//!   is paused. With [`Sender::verify_memory`], the end also compares a digest of every
+//!   region's full contents, read at both ends (the source paused): this also catches a write
+//!   that dirty tracking missed, for the price of reading all of memory once more at both ends
+//!   (in parallel).
 //!
-//! # The stream format (version 1, all integers little-endian)
+//! # Several streams
 //!
-//! A stream is a 16-byte header — [`MAGIC`] (8 bytes), [`VERSION`] (`u32`), flags (`u32`,
-//! 0) — then frames. Every frame starts with a 24-byte header: type (`u32`), flags (`u32`,
-//! 0), and two `u64` arguments `a` and `b`:
+//! A [`MultiSender`] puts one migration on N streams (N up to [`MAX_STREAMS`]), each a complete,
+//! validated stream of its own (same session number in every header, its index, N): each round
+//! is cut into pieces spread over the streams and sent by N threads, then every stream closes
+//! the round with its own end-of-round frame. A [`MultiReceiver`] reads the N streams on N
+//! threads, and a stream that reaches the end of round `k` waits until every stream has (a
+//! barrier per round): a page sent in round `k + 1` on one stream is written only after its
+//! round-`k` copy, whichever stream carried that, so the newer copy always wins. Stream 0 then
+//! carries the checksums and done, the others done.
 //!
-//! | type | frame | `a` | `b` | followed by |
-//! |---|---|---|---|---|
-//! | 1 | pages | guest address | length (1 to [`MAX_FRAME_DATA`]) | `b` bytes of guest memory |
-//! | 2 | end of round | round number (0, 1, ...) | pages in the round | nothing |
-//! | 3 | checksums | number of regions | 0 | per region: start, length, checksum (3 × `u64`) |
-//! | 4 | done | 0 | 0 | nothing (end of stream) |
+//! # The stream format (version 2, all integers little-endian)
 //!
-//! "Pages in the round" counts each pages frame as `ceil(length / 4096)` ([`STREAM_PAGE_SIZE`]).
-//! Pages and end-of-round frames come in any number, then exactly one checksums frame (one entry
-//! per destination region, in address order), then done.
+//! A stream starts with a 32-byte header: [`MAGIC`] (8 bytes), [`VERSION`] (`u32`), flags
+//! (`u32`, 0), a session number (`u64`, the same on every stream of one migration), the
+//! stream's index (`u32`) and the number of streams (`u32`, 1 to [`MAX_STREAMS`]). Version 1
+//! streams (16-byte header, every page as data) are refused with
+//! [`MigrationError::UnsupportedVersion`]. Then frames; every frame starts with a 32-byte
+//! header: type (`u32`), flags (`u32`, 0), and three `u64` arguments `a`, `b`, `c`:
 //!
-//! The receiver trusts nothing: magic, version, flags, frame types and order, round numbers
-//! and page counts, lengths (bounded, so nothing is allocated from a length the peer sent)
-//! and addresses (inside writable destination memory) are all checked, and a frame whose
-//! header is invalid touches no destination memory. (A stream that ends *inside* a pages
-//! frame's data leaves the bytes that did arrive in memory, marked dirty; the receive fails.)
+//! | type | frame | `a` | `b` | `c` | followed by |
+//! |---|---|---|---|---|---|
+//! | 1 | pages | runs (1 to [`MAX_RUNS`]) | data bytes (at most [`MAX_FRAME_DATA`]) | 0 | the runs (16 bytes each), then the data pages of the data runs, in order |
+//! | 2 | end of round | round number (0, 1, ...) | data pages in the round | zero pages in the round | nothing |
+//! | 3 | checksums | regions | 1 if memory digests are given, else 0 | 0 | per region: start, length, stream digest, memory digest (4 × `u64`) |
+//! | 4 | done | 0 | 0 | 0 | nothing (end of stream) |
+//! | 5 | device state | reserved: refused by this version | | | |
+//!
+//! A run is a guest address (`u64`, a multiple of 4096), a page count (`u32`, at least 1) and
+//! a kind (`u32`: 0 = data, its pages follow in the frame's data; 1 = zero, nothing follows).
+//! A run lies in one writable destination region; the runs of a frame are in ascending,
+//! non-overlapping order, and the data bytes are exactly 4096 times the data runs' pages.
+//! Regions start on a page; a region whose length is not a multiple of 4096 ends with a
+//! partial page, which travels whole like any other: the sender pads its bytes past the
+//! region with zeros, the receiver writes only the bytes inside the region (and ignores the
+//! rest), and both hash and zero-test it as its bytes followed by zeros. A run may cover that
+//! page, never a page past it.
+//! Pages and end-of-round frames come in any number; then stream 0 has exactly one checksums
+//! frame (one entry per destination region, in address order) and every stream ends with
+//! done. Type 5 is kept for an opaque blob of device (vCPU) state that a later version will
+//! carry between the last round and the checksums, so that a destination can resume the
+//! guest from one stream.
+//!
+//! The page hash of a page's 512 little-endian words `w[n]`: lane `l = n % 16` takes its 32
+//! words in order and keeps four sums, `a += w; b += a` (wrapping) and `ha += w >> 32;
+//! hb += ha`; sum `k` (0 to 3, in that order) of lane `l` is mixed with the key
+//! `K = splitmix64(0x6775_6573_746d_656d ^ (16k + l))` (SplitMix64's first output from that
+//! seed) as `x = sum ^ K; lo32(x) * hi32(x) + x`; the 64 mixes are added up (wrapping), put
+//! through MurmurHash3's 64-bit finalizer, and the hash is the xor of the result's halves. A zero run's pages count with the hash of 4096 zero bytes. A region's
+//! digest is the wrapping sum, over its pages `p` (guest page numbers) whose hash `h` is not
+//! 0, of MurmurHash3's 64-bit finalizer of `p << 32 | h`. The stream digest uses the hash each
+//! end kept (0 for a page never sent); the memory digest hashes every page of the region as it
+//! is now.
+//!
+//! The receiver trusts nothing: magic, version, flags, stream set, frame types and order,
+//! round numbers and page counts, lengths (bounded, so nothing is allocated from a length the
+//! peer sent) and every run (alignment, order, inside writable destination memory) are checked,
+//! and a frame whose header or runs are invalid touches no destination memory. (A stream that
+//! ends *inside* a pages frame's data leaves the bytes that did arrive in memory, marked
+//! dirty; the receive fails.)
 //!
 //! ```
 //! use std::os::unix::net::UnixStream;
@@ -57,7 +111,7 @@
 //! let (a, b) = UnixStream::pair().unwrap();
 //! let receiver = std::thread::spawn(move || Receiver::new_vectored(b).receive(&dst).map(|s| (s, dst)));
 //!
-//! let sender = Sender::new_vectored(a).unwrap();
+//! let sender = Sender::new_vectored(a).unwrap().verify_memory(true);
 //! // No KVM here: the sync hook has nothing to merge.
 //! let mut precopy = Precopy::new(sender, &src, PrecopyConfig::default(), || Ok::<(), std::io::Error>(()));
 //! precopy.run().unwrap();
@@ -65,19 +119,27 @@
 //! // ... pause the source here ...
 //! let (report, _stream) = precopy.complete().unwrap();
 //! assert_eq!(report.final_round.pages, 1);
+//! // Round 0 sent one page of data; the other 255 pages were zero runs.
+//! assert_eq!((report.rounds[0].pages, report.rounds[0].zero_pages), (256, 255));
 //!
 //! let (summary, dst) = receiver.join().unwrap().unwrap();
-//! assert_eq!(summary.regions_verified, 1);
+//! assert_eq!((summary.regions_verified, summary.memory_verified), (1, true));
 //! assert_eq!(dst.read_obj::<u64>(GuestAddress(0x8000)).unwrap(), 0xbeef);
 //! ```
 
+pub mod local;
+mod multi;
+mod page_hash;
 mod precopy;
 mod receive;
+mod residency;
 mod send;
+mod tables;
 
 use std::io;
 
-pub use precopy::{MigrationReport, Precopy, PrecopyConfig, RoundStats, StopReason};
+pub use multi::{MultiReceiver, MultiSender};
+pub use precopy::{MigrationReport, PageSink, Precopy, PrecopyConfig, RoundStats, StopReason};
 pub use receive::{ReceiveSummary, Receiver};
 pub use send::{RoundEnd, Sender};
 
@@ -90,29 +152,44 @@ use crate::memory::GuestMemoryError;
 pub const MAGIC: [u8; 8] = *b"GMEMMIG\0";
 
 /// The stream format version this build writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
-/// Bytes in the stream header (magic, version, flags).
-pub const STREAM_HEADER_LEN: usize = 16;
+/// Bytes in the stream header (magic, version, flags, session, stream index, stream count).
+pub const STREAM_HEADER_LEN: usize = 32;
 
-/// Bytes in a frame header (type, flags, two arguments).
-pub const FRAME_HEADER_LEN: usize = 24;
+/// Bytes in a frame header (type, flags, three arguments).
+pub const FRAME_HEADER_LEN: usize = 32;
 
-/// The most guest bytes one pages frame carries; the sender splits longer ranges, the
-/// receiver refuses longer frames.
+/// Bytes of a run in a pages frame (guest address, page count, kind).
+pub const RUN_LEN: usize = 16;
+
+/// The most runs one pages frame holds.
+pub const MAX_RUNS: usize = 256;
+
+/// The most data bytes one pages frame carries; the receiver refuses more.
 pub const MAX_FRAME_DATA: u64 = 4 << 20;
 
-/// The page unit in which end-of-round frames count pages.
+/// The page unit of the stream: runs, page counts and hashes are in 4 KiB pages.
 pub const STREAM_PAGE_SIZE: u64 = 4096;
 
-/// Bytes of one entry of a checksums frame (start, length, checksum).
-const CHECKSUM_ENTRY_LEN: usize = 24;
+/// The most streams one migration is spread over.
+pub const MAX_STREAMS: u32 = 64;
+
+/// Bytes of one entry of a checksums frame (start, length, stream digest, memory digest).
+const CHECKSUM_ENTRY_LEN: usize = 32;
 
 /// Frame types.
 const FRAME_PAGES: u32 = 1;
 const FRAME_END_OF_ROUND: u32 = 2;
 const FRAME_CHECKSUMS: u32 = 3;
 const FRAME_DONE: u32 = 4;
+
+/// Run kinds.
+const RUN_DATA: u32 = 0;
+const RUN_ZERO: u32 = 1;
+
+/// The checksums frame's flag for memory digests.
+const CHECKSUMS_MEMORY: u64 = 1;
 
 /// The name of a frame type, for errors.
 fn frame_name(kind: u32) -> &'static str {
@@ -125,26 +202,54 @@ fn frame_name(kind: u32) -> &'static str {
     }
 }
 
+/// Who a stream is in its migration: the header's session, index and count.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct StreamId {
+    session: u64,
+    index: u32,
+    count: u32,
+}
+
+impl StreamId {
+    /// The only stream of a migration, with a new session number.
+    fn single() -> Self {
+        StreamId { session: new_session(), index: 0, count: 1 }
+    }
+}
+
+/// A session number no other migration of this process (and, with high probability, of this
+/// host) uses: from the standard library's per-process random hash keys, a counter and the
+/// time.
+fn new_session() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos(),
+    );
+    h.finish()
+}
+
 /// The stream header.
-fn stream_header() -> [u8; STREAM_HEADER_LEN] {
+fn stream_header(id: StreamId) -> [u8; STREAM_HEADER_LEN] {
     let mut h = [0u8; STREAM_HEADER_LEN];
     h[..8].copy_from_slice(&MAGIC);
     put_le_u32(&mut h, 8, VERSION);
+    put_le_u64(&mut h, 16, id.session);
+    put_le_u32(&mut h, 24, id.index);
+    put_le_u32(&mut h, 28, id.count);
     h
 }
 
 /// A frame header.
-fn frame_header(kind: u32, a: u64, b: u64) -> [u8; FRAME_HEADER_LEN] {
+fn frame_header(kind: u32, a: u64, b: u64, c: u64) -> [u8; FRAME_HEADER_LEN] {
     let mut h = [0u8; FRAME_HEADER_LEN];
     put_le_u32(&mut h, 0, kind);
     put_le_u64(&mut h, 8, a);
     put_le_u64(&mut h, 16, b);
+    put_le_u64(&mut h, 24, c);
     h
-}
-
-/// Pages of the stream's unit that `len` bytes count as.
-fn stream_pages(len: u64) -> u64 {
-    len.div_ceil(STREAM_PAGE_SIZE)
 }
 
 /// Errors of migration: the stream (I/O, format, validation of what the peer sent), the
@@ -175,10 +280,21 @@ pub enum MigrationError {
     /// The stream does not start with [`MAGIC`].
     #[error("not a guestmem migration stream (magic {0:02x?})")]
     BadMagic([u8; 8]),
-    /// A stream version this build does not read.
-    #[error("stream version {0} is not supported (this build reads version {VERSION})")]
+    /// A stream version this build does not read (version 1 streams, from builds before zero
+    /// runs, among them).
+    #[error("stream version {0} is not supported (this build reads version {VERSION} only)")]
     UnsupportedVersion(u32),
-    /// A frame type that does not exist.
+    /// Streams that do not make up one migration: another migration's session, a count that
+    /// differs, an index twice or out of range, a stream that ends its rounds early, or a
+    /// stream of a multi-stream migration given to a single [`Receiver`].
+    #[error("stream {index}: {what}")]
+    Streams {
+        /// The index the stream's header gives (or its place in the list given).
+        index: u32,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// A frame type that does not exist (or is reserved for a later version).
     #[error("unknown frame type {kind} at byte {offset}")]
     UnknownFrame {
         /// The type found.
@@ -186,8 +302,9 @@ pub enum MigrationError {
         /// Where the frame starts.
         offset: u64,
     },
-    /// A frame or header field with a value the format forbids (non-zero flags, an empty pages
-    /// frame, a non-zero reserved argument).
+    /// A frame or header field with a value the format forbids (non-zero flags, an empty
+    /// frame, a misaligned, empty, unordered or overlapping run, a run of unknown kind, data
+    /// bytes that disagree with the runs, a non-zero reserved argument).
     #[error("invalid {what} at byte {offset}")]
     InvalidFrame {
         /// What is wrong.
@@ -195,12 +312,14 @@ pub enum MigrationError {
         /// Where the frame starts.
         offset: u64,
     },
-    /// A pages frame longer than [`MAX_FRAME_DATA`].
-    #[error("frame at byte {offset} announces {len:#x} bytes, more than {max:#x}")]
+    /// A pages frame with more runs than [`MAX_RUNS`] or more data than [`MAX_FRAME_DATA`].
+    #[error("frame at byte {offset} announces {len:#x} {what}, more than {max:#x}")]
     FrameTooLarge {
         /// Where the frame starts.
         offset: u64,
-        /// The length it announces.
+        /// "data bytes" or "runs".
+        what: &'static str,
+        /// The number it announces.
         len: u64,
         /// The limit.
         max: u64,
@@ -216,7 +335,8 @@ pub enum MigrationError {
         /// What the stream should have had.
         expected: &'static str,
     },
-    /// A guest range outside the memory (or, on the receiving side, not writable).
+    /// A guest range outside the memory (or, on the receiving side, not writable, or across
+    /// regions), or a region that cannot be migrated in 4 KiB pages.
     #[error("guest range of {len:#x} bytes at {addr} cannot be migrated: {source}")]
     Memory {
         /// Start of the range.
@@ -226,19 +346,23 @@ pub enum MigrationError {
         /// Why.
         source: GuestMemoryError,
     },
-    /// An end-of-round frame whose round number or page count disagrees with what arrived.
+    /// An end-of-round frame whose round number or page counts disagree with what arrived.
     #[error(
-        "end of round {round} with {pages} pages, but round {expected_round} had {received_pages} pages"
+        "end of round {round} with {pages} data and {zero_pages} zero pages, but round {expected_round} had {received_pages} and {received_zero_pages}"
     )]
     RoundMismatch {
         /// The round number in the frame.
         round: u64,
-        /// The page count in the frame.
+        /// The data page count in the frame.
         pages: u64,
+        /// The zero page count in the frame.
+        zero_pages: u64,
         /// The round the receiver was in.
         expected_round: u64,
-        /// The pages it received in that round.
+        /// The data pages it received in that round.
         received_pages: u64,
+        /// The zero pages it received in that round.
+        received_zero_pages: u64,
     },
     /// The checksums frame lists another number of regions than the destination has.
     #[error("the source has {source_regions} regions, the destination {destination_regions}")]
@@ -256,16 +380,19 @@ pub enum MigrationError {
         /// Its length on the source.
         len: u64,
     },
-    /// A region whose contents differ after migration.
+    /// A region whose pages differ after migration: what was received differs from what was
+    /// sent (`what` is "pages received"), or the memory's contents differ ("memory contents").
     #[error(
-        "region [{addr}, +{len:#x}) differs after migration: source checksum {expected:#018x}, destination {actual:#018x}"
+        "region [{addr}, +{len:#x}) differs after migration ({what}): source digest {expected:#018x}, destination {actual:#018x}"
     )]
     ChecksumMismatch {
         /// The region's start.
         addr: GuestAddress,
         /// Its length.
         len: u64,
-        /// The source's checksum.
+        /// Which digest differs.
+        what: &'static str,
+        /// The source's digest.
         expected: u64,
         /// The destination's.
         actual: u64,

@@ -4,11 +4,107 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use super::{MigrationError, Result, Sender};
+use super::{MigrationError, MultiSender, Result, RoundEnd, Sender};
 use crate::bitmap::{Bitmap, DirtyHarvest};
 use crate::dirty::DirtyRate;
 use crate::memory::{GuestMemory, GuestMemoryMmap};
 use crate::region::GuestMemoryRegion;
+
+mod sealed {
+    pub trait Sealed {}
+    impl<W> Sealed for super::Sender<W> {}
+    impl<W> Sealed for super::MultiSender<W> {}
+}
+
+/// Where [`Precopy`] sends its rounds: one stream ([`Sender`]) or several ([`MultiSender`]).
+/// Sealed: implemented by those two only; its methods are theirs.
+pub trait PageSink: sealed::Sealed {
+    /// What [`Precopy::complete`] hands back: the stream, or the streams.
+    type Streams;
+
+    /// [`Sender::send_all`].
+    fn send_all_pages<M: GuestMemory + Sync + ?Sized>(&mut self, mem: &M) -> Result<u64>;
+
+    /// [`Sender::send_dirty`].
+    fn send_dirty_pages<B: Bitmap + DirtyHarvest + Send + Sync>(
+        &mut self,
+        mem: &GuestMemoryMmap<B>,
+    ) -> Result<usize>;
+
+    /// [`Sender::end_round`].
+    fn close_round(&mut self) -> Result<RoundEnd>;
+
+    /// [`Sender::stream_bytes`].
+    fn bytes_written(&self) -> u64;
+
+    /// The number of streams.
+    fn stream_count(&self) -> usize;
+
+    /// [`Sender::finish`].
+    fn finish_streams<M: GuestMemory + ?Sized>(self, mem: &M) -> Result<Self::Streams>;
+}
+
+impl<W: Write> PageSink for Sender<W> {
+    type Streams = W;
+
+    fn send_all_pages<M: GuestMemory + Sync + ?Sized>(&mut self, mem: &M) -> Result<u64> {
+        self.send_all(mem)
+    }
+
+    fn send_dirty_pages<B: Bitmap + DirtyHarvest + Send + Sync>(
+        &mut self,
+        mem: &GuestMemoryMmap<B>,
+    ) -> Result<usize> {
+        self.send_dirty(mem)
+    }
+
+    fn close_round(&mut self) -> Result<RoundEnd> {
+        self.end_round()
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.stream_bytes()
+    }
+
+    fn stream_count(&self) -> usize {
+        1
+    }
+
+    fn finish_streams<M: GuestMemory + ?Sized>(self, mem: &M) -> Result<W> {
+        self.finish(mem)
+    }
+}
+
+impl<W: Write + Send> PageSink for MultiSender<W> {
+    type Streams = Vec<W>;
+
+    fn send_all_pages<M: GuestMemory + Sync + ?Sized>(&mut self, mem: &M) -> Result<u64> {
+        self.send_all(mem)
+    }
+
+    fn send_dirty_pages<B: Bitmap + DirtyHarvest + Send + Sync>(
+        &mut self,
+        mem: &GuestMemoryMmap<B>,
+    ) -> Result<usize> {
+        self.send_dirty(mem)
+    }
+
+    fn close_round(&mut self) -> Result<RoundEnd> {
+        self.end_round()
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.stream_bytes()
+    }
+
+    fn stream_count(&self) -> usize {
+        self.streams()
+    }
+
+    fn finish_streams<M: GuestMemory + ?Sized>(self, mem: &M) -> Result<Vec<W>> {
+        self.finish(mem)
+    }
+}
 
 /// When the pre-copy rounds stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,9 +131,11 @@ impl Default for PrecopyConfig {
 pub struct RoundStats {
     /// The round number (0 = all of memory).
     pub round: u64,
-    /// Pages sent (4 KiB units of the stream).
+    /// Pages sent (4 KiB units of the stream), data and zero pages.
     pub pages: u64,
-    /// Guest bytes sent.
+    /// Of those, the pages sent as zero runs (no data on the stream).
+    pub zero_pages: u64,
+    /// Guest bytes the round covered (`pages` × 4096).
     pub bytes: u64,
     /// From the harvest to the end-of-round frame.
     pub duration: Duration,
@@ -96,7 +194,8 @@ pub struct MigrationReport {
     pub bandwidth: f64,
 }
 
-/// The pre-copy driver: rounds of [`Sender`] over a source memory with dirty tracking.
+/// The pre-copy driver: rounds of a [`Sender`] (or a [`MultiSender`]) over a source memory
+/// with dirty tracking.
 ///
 /// `sync` is called before every harvest and every measurement of what is left: it merges
 /// the guest's writes into the memory's bitmaps (e.g. `|| slots.sync_dirty_log()` for
@@ -111,8 +210,8 @@ pub struct MigrationReport {
 ///    every round's stats and the downtime.
 ///
 /// See the [module docs](super) for an example.
-pub struct Precopy<'m, W, B, F> {
-    sender: Sender<W>,
+pub struct Precopy<'m, S, B, F> {
+    sender: S,
     mem: &'m GuestMemoryMmap<B>,
     config: PrecopyConfig,
     sync: F,
@@ -124,7 +223,7 @@ pub struct Precopy<'m, W, B, F> {
 }
 
 /// Shows everything but the sync hook (closures have no `Debug`).
-impl<W: std::fmt::Debug, B: Bitmap, F> std::fmt::Debug for Precopy<'_, W, B, F> {
+impl<S: std::fmt::Debug, B: Bitmap, F> std::fmt::Debug for Precopy<'_, S, B, F> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Precopy")
             .field("sender", &self.sender)
@@ -139,15 +238,16 @@ impl<W: std::fmt::Debug, B: Bitmap, F> std::fmt::Debug for Precopy<'_, W, B, F> 
     }
 }
 
-impl<'m, W, B, F, E> Precopy<'m, W, B, F>
+impl<'m, S, B, F, E> Precopy<'m, S, B, F>
 where
-    W: Write,
-    B: Bitmap + DirtyHarvest,
+    S: PageSink,
+    B: Bitmap + DirtyHarvest + Send + Sync,
     F: FnMut() -> std::result::Result<(), E>,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    /// A driver that sends `mem` on `sender`, calling `sync` before each harvest.
-    pub fn new(sender: Sender<W>, mem: &'m GuestMemoryMmap<B>, config: PrecopyConfig, sync: F) -> Self {
+    /// A driver that sends `mem` on `sender` (a [`Sender`] or a [`MultiSender`]), calling
+    /// `sync` before each harvest.
+    pub fn new(sender: S, mem: &'m GuestMemoryMmap<B>, config: PrecopyConfig, sync: F) -> Self {
         Precopy {
             sender,
             mem,
@@ -194,18 +294,19 @@ where
             // Clear first, then read: a page written during the send is dirty again.
             self.mem.take_dirty_ranges(|_, _| {})?;
             self.rate.record_at(start, 0);
-            self.sender.send_all(self.mem)?;
+            self.sender.send_all_pages(self.mem)?;
         } else {
-            let pages = self.sender.send_dirty(self.mem)?;
+            let pages = self.sender.send_dirty_pages(self.mem)?;
             self.rate.record_at(start, pages);
         }
-        let end = self.sender.end_round()?;
+        let end = self.sender.close_round()?;
         let duration = start.elapsed();
         self.sent_bytes += end.bytes;
         self.send_time += duration;
         let stats = RoundStats {
             round: end.round,
             pages: end.pages,
+            zero_pages: end.zero_pages,
             bytes: end.bytes,
             duration,
             dirty_pages_per_sec: if all { None } else { self.rate.pages_per_sec() },
@@ -249,7 +350,7 @@ where
     /// then the checksums and done. Runs the pre-copy rounds first if [`run`](Self::run) was
     /// not called (the downtime is then counted from their end). Returns the report and the
     /// stream.
-    pub fn complete(mut self) -> Result<(MigrationReport, W)> {
+    pub fn complete(mut self) -> Result<(MigrationReport, S::Streams)> {
         let stop = match self.stop {
             Some(stop) => stop,
             None => self.run()?,
@@ -258,17 +359,17 @@ where
         let final_round = self.round(false)?;
         let downtime = paused.elapsed();
         let verify_start = Instant::now();
-        let stream_bytes_before = self.sender.stream_bytes();
+        let stream_bytes_before = self.sender.bytes_written();
         let bandwidth = self.bandwidth().unwrap_or(0.0);
         let mem = self.mem;
         let sender = self.sender;
         let stream_end = {
             let mut bytes = stream_bytes_before;
-            // Checksums frame: header + one entry per region; then done.
+            // Checksums frame: header + one entry per region; then done on every stream.
             bytes += (super::FRAME_HEADER_LEN + mem.num_regions() * super::CHECKSUM_ENTRY_LEN) as u64;
-            bytes + super::FRAME_HEADER_LEN as u64
+            bytes + (sender.stream_count() * super::FRAME_HEADER_LEN) as u64
         };
-        let stream = sender.finish(mem)?;
+        let stream = sender.finish_streams(mem)?;
         let report = MigrationReport {
             rounds: self.rounds,
             stop,

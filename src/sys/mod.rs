@@ -9,6 +9,8 @@
 //! Most users want the higher layers; the wrappers are public because a VMM that manages some
 //! of its own mappings (vCPU run areas, device BARs) needs the same calls with the same care.
 //!
+//! [`socket`] passes file descriptors over Unix sockets (`SCM_RIGHTS`).
+//!
 //! Calls that can change the contents or the layout of memory the caller may be using
 //! (`mmap`, `munmap`, `mprotect`, `madvise`, raw `read`/`write` into a pointer) are `unsafe`;
 //! calls whose only effect is on placement, residency or locking (`mlock`, `mincore`, `mbind`,

@@ -1,10 +1,12 @@
 //! File descriptors over Unix sockets: `sendmsg(2)` and `recvmsg(2)` with `SCM_RIGHTS`
-//! (`unix(7)`, `cmsg(3)`).
+//! (`unix(7)`, `cmsg(3)`); vectored `sendmsg`/`recvmsg` with flags (a try that does not
+//! block, no `SIGPIPE`).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use super::cvt_long;
+use super::mman::flag_type;
 
 /// The most fds [`recv_with_fds`] takes in one message.
 pub const MAX_FDS: usize = 16;
@@ -145,6 +147,47 @@ pub fn recv_with_at_most_fds(
     Ok((n, fds))
 }
 
+flag_type! {
+    /// Flags of [`send_vectored`] and [`recv_vectored`].
+    MsgFlags: i32 {
+        /// `MSG_DONTWAIT`: fail with `EAGAIN` instead of blocking.
+        DONTWAIT = libc::MSG_DONTWAIT;
+        /// `MSG_NOSIGNAL`: a peer that is gone is `EPIPE`, not `SIGPIPE`.
+        NOSIGNAL = libc::MSG_NOSIGNAL;
+    }
+}
+
+/// `sendmsg(2)` of the buffers of `iov` (no control message) with `flags`. Returns the bytes
+/// sent. A descriptor that is not a socket is `ENOTSOCK`.
+///
+/// # Safety
+/// Every `iovec` must describe memory valid for reads for the duration of the call.
+pub unsafe fn send_vectored(sock: BorrowedFd<'_>, iov: &[libc::iovec], flags: MsgFlags) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid (no name, no buffers) until filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut _;
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: `msg` describes the caller's iovecs (readable by the contract) and no control
+    // buffer; the kernel only reads through them.
+    cvt_long(unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, flags.bits()) }).map(|n| n as usize)
+}
+
+/// `recvmsg(2)` into the buffers of `iov` (no control message) with `flags`. Returns the
+/// bytes received (0: the peer closed the connection). A descriptor that is not a socket is
+/// `ENOTSOCK`.
+///
+/// # Safety
+/// Every `iovec` must describe memory valid for writes for the duration of the call.
+pub unsafe fn recv_vectored(sock: BorrowedFd<'_>, iov: &[libc::iovec], flags: MsgFlags) -> io::Result<usize> {
+    // SAFETY: an all-zero msghdr is valid until filled in below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_ptr() as *mut _;
+    msg.msg_iovlen = iov.len() as _;
+    // SAFETY: `msg` describes the caller's iovecs (writable by the contract) and no control
+    // buffer; the kernel writes only through them.
+    cvt_long(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags.bits()) }).map(|n| n as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -173,6 +216,39 @@ mod tests {
         assert_eq!(recv_with_fds(d.as_fd(), &mut buf).unwrap_err().raw_os_error(), Some(libc::EMSGSIZE));
         // Not a socket.
         assert!(recv_with_fds(f.as_fd(), &mut buf).is_err());
+    }
+
+    #[test]
+    fn vectored_and_non_blocking_calls() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (x, y) = ([1u8, 2, 3], [4u8, 5]);
+        let iov = [
+            libc::iovec { iov_base: x.as_ptr() as *mut _, iov_len: 3 },
+            libc::iovec { iov_base: y.as_ptr() as *mut _, iov_len: 2 },
+        ];
+        // SAFETY: both buffers are readable for the call.
+        assert_eq!(unsafe { send_vectored(a.as_fd(), &iov, MsgFlags::NOSIGNAL) }.unwrap(), 5);
+        let (mut p, mut q) = ([0u8; 2], [0u8; 8]);
+        let iov = [
+            libc::iovec { iov_base: p.as_mut_ptr().cast(), iov_len: 2 },
+            libc::iovec { iov_base: q.as_mut_ptr().cast(), iov_len: 8 },
+        ];
+        // SAFETY: both buffers are writable for the call.
+        assert_eq!(unsafe { recv_vectored(b.as_fd(), &iov, MsgFlags::empty()) }.unwrap(), 5);
+        assert_eq!((p, &q[..3]), ([1, 2], &[3, 4, 5][..]));
+        // Nothing to read: EAGAIN, not a wait.
+        // SAFETY: as above.
+        let e = unsafe { recv_vectored(b.as_fd(), &iov, MsgFlags::DONTWAIT) }.unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock);
+        // Not a socket; a peer that is gone.
+        let f = std::fs::File::open("/proc/self/exe").unwrap();
+        // SAFETY: as above.
+        let e = unsafe { recv_vectored(f.as_fd(), &iov, MsgFlags::DONTWAIT) }.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOTSOCK));
+        drop(b);
+        // SAFETY: as above (read by the kernel this time).
+        let e = unsafe { send_vectored(a.as_fd(), &iov, MsgFlags::NOSIGNAL) }.unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EPIPE));
     }
 
     /// How many of this process's fds refer to the memfd `name` (tests run in parallel
