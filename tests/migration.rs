@@ -14,9 +14,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use guestmem::bitmap::{AtomicBitmap, BitmapError};
+use guestmem::checksum::Checksum;
 use guestmem::migration::{
     MigrationError, MultiReceiver, MultiSender, Precopy, PrecopyConfig, ReceiveSummary, Receiver, Sender,
-    StopReason, FRAME_HEADER_LEN, MAGIC, MAX_FRAME_DATA, MAX_RUNS, RUN_LEN, STREAM_HEADER_LEN, VERSION,
+    StopReason, FRAME_HEADER_LEN, MAGIC, MAX_DEVICE_STATE, MAX_FRAME_DATA, MAX_RUNS, RUN_LEN,
+    STREAM_HEADER_LEN, VERSION,
 };
 use guestmem::mmap::MmapRegionBuilder;
 use guestmem::sys::Protection;
@@ -187,6 +189,7 @@ fn plain_read_and_write_streams_carry_given_ranges() {
             bytes: bytes + 7 * MIB as u64,
             regions_verified: 2,
             memory_verified: false,
+            device_state_len: None,
         }
     );
     assert_same(&src, &dst);
@@ -862,6 +865,12 @@ fn hostile_stream_sets() {
     let cut = a[1][..a[1].len() - 40].to_vec();
     let e = receive(vec![a[0].clone(), cut]).unwrap_err();
     assert!(matches!(e, MigrationError::Truncated { .. }), "{e}");
+    // Device state on stream 1 (it goes on stream 0 only).
+    let mut state_on_1 = a[1][..a[1].len() - FRAME_HEADER_LEN].to_vec();
+    state_on_1.extend_from_slice(&device_state(b"registers"));
+    state_on_1.extend_from_slice(&frame(4, 0, 0, 0, 0));
+    let e = receive(vec![a[0].clone(), state_on_1]).unwrap_err();
+    assert!(matches!(e, MigrationError::UnexpectedFrame { found: "device state", .. }), "{e}");
     // A stream header with a count of 0 or over 64, or an index past the count.
     for (index, count) in [(0u32, 0u32), (0, 65), (2, 2)] {
         let mut h = a[0][..STREAM_HEADER_LEN].to_vec();
@@ -875,7 +884,9 @@ fn hostile_stream_sets() {
 #[cfg(feature = "kvm")]
 #[test]
 fn precopy_while_a_kvm_guest_writes() {
-    use common::kvm_guest::{self, run_until_exits, GuestError, LoopingWriter, TestVm, COUNT_OFFSET};
+    use common::kvm_guest::{
+        self, run_until_exits, GuestError, LoopingWriter, TestVm, VcpuState, COUNT_OFFSET, SEQ_OFFSET,
+    };
     use guestmem::kvm::KvmSlots;
 
     if common::need("kvm", "precopy_while_a_kvm_guest_writes", kvm_guest::kvm_available()).is_none() {
@@ -902,8 +913,16 @@ fn precopy_while_a_kvm_guest_writes() {
     let progress = AtomicU64::new(0);
     let config = PrecopyConfig { downtime: Duration::from_millis(2), max_rounds: 6, rate_window: 3 };
     let vcpu = vm.vcpu(cpu).unwrap();
-    let (report, guest_writes) = std::thread::scope(|s| {
-        let receiver = s.spawn(|| Receiver::new_vectored(b).receive(&dst));
+    // The destination VM, its memory registered up front.
+    let mut dst_vm = TestVm::new().unwrap();
+    let mut dst_slots = KvmSlots::new(dst_vm.vm_fd(), false).unwrap();
+    dst_slots.register(&dst).unwrap();
+    let dst_cpu = dst_vm.add_vcpu().unwrap();
+    let (report, guest_writes, state) = std::thread::scope(|s| {
+        let receiver = s.spawn(|| {
+            let mut receiver = Receiver::new_vectored(b);
+            receiver.receive(&dst).map(|_| receiver.take_device_state())
+        });
         let (stop_ref, progress_ref) = (&stop, &progress);
         let guest = s.spawn(move || {
             let mut last = 0;
@@ -911,7 +930,7 @@ fn precopy_while_a_kvm_guest_writes() {
                 last = run_until_exits(vcpu, writer.port, 1).unwrap()[0];
                 progress_ref.store(u64::from(last), Ordering::Relaxed);
             }
-            last
+            (last, vcpu)
         });
         // The guest is running before round 0 starts, and writes on after the pre-copy rounds,
         // so that the final round has guest writes to carry.
@@ -927,26 +946,54 @@ fn precopy_while_a_kvm_guest_writes() {
         wait_for(progress.load(Ordering::Relaxed) + 2 * u64::from(writer.writes_per_exit));
         // Pause the vCPU at its next I/O exit.
         stop.store(true, Ordering::Relaxed);
-        let guest_writes = guest.join().unwrap();
-        let (report, _) = precopy.complete().unwrap();
-        receiver.join().unwrap().unwrap();
-        (report, guest_writes)
+        let (guest_writes, vcpu) = guest.join().unwrap();
+        let state = VcpuState::save(vcpu).unwrap().to_bytes();
+        let (report, _) = precopy.complete_with_device_state(&state).unwrap();
+        let state = receiver.join().unwrap().unwrap().expect("the device state");
+        (report, guest_writes, state)
     });
     assert!(guest_writes > 0);
-    // The guest's writes reached the destination: each page's count grew (from the fill
-    // pattern, recomputed on a fresh memory) by how often the guest picked it.
+    // The source is paused: the destination holds its memory, byte for byte.
+    assert_same(&src, &dst);
+    assert!(report.final_round.pages > 0, "the final round carries the guest's last writes");
+    // The guest resumes in the destination VM from the registers that came with the stream,
+    // and goes on with its sequence where it stopped.
+    let vcpu = dst_vm.vcpu(dst_cpu).unwrap();
+    VcpuState::from_bytes(&state).unwrap().restore(vcpu).unwrap();
+    let counts = run_until_exits(vcpu, writer.port, 20).unwrap();
+    let total = u64::from(*counts.last().unwrap());
+    assert_eq!(
+        total,
+        u64::from(guest_writes) + 20 * u64::from(writer.writes_per_exit),
+        "the guest did not go on"
+    );
+    // What an unmigrated guest makes of the memory in `total` writes: each page's count grew
+    // (from the fill pattern, recomputed on a fresh memory) by how often the guest picked it,
+    // its stamp is the number of its last write, and every other page is the source's.
     let fresh = tracked(&layout());
     fill(&fresh, 9);
-    let mut picked = std::collections::BTreeMap::<u64, u32>::new();
-    for p in writer.pages().take(guest_writes as usize) {
-        *picked.entry(p).or_default() += 1;
+    let expected = writer.expected(total);
+    let read = |m: &Mem, at: u64| m.read_obj::<u32>(GuestAddress(at)).unwrap();
+    for &(p, seq, n) in &expected {
+        assert_eq!(read(&dst, p + SEQ_OFFSET), seq, "page {p:#x}");
+        assert_eq!(
+            read(&dst, p + COUNT_OFFSET).wrapping_sub(read(&fresh, p + COUNT_OFFSET)),
+            n,
+            "page {p:#x}"
+        );
     }
-    for (&p, &n) in &picked {
-        let count = |m: &Mem| m.read_obj::<u32>(GuestAddress(p + COUNT_OFFSET)).unwrap();
-        assert_eq!(count(&dst).wrapping_sub(count(&fresh)), n, "page {p:#x}");
+    let written: std::collections::BTreeSet<u64> = expected.iter().map(|e| e.0).collect();
+    let mut a = vec![0u8; PAGE as usize];
+    let mut b = vec![0u8; PAGE as usize];
+    for r in src.iter() {
+        for p in (r.start_addr().0..r.start_addr().0 + r.len()).step_by(PAGE as usize) {
+            src.read_slice(&mut a, GuestAddress(p)).unwrap();
+            dst.read_slice(&mut b, GuestAddress(p)).unwrap();
+            let from = if written.contains(&p) { 8 } else { 0 };
+            assert!(a[from..] == b[from..], "page {p:#x} differs beyond what the guest wrote");
+        }
     }
-    assert!(report.final_round.pages > 0, "the final round carries the guest's last writes");
-    assert_same(&src, &dst);
+    drop(dst_slots);
 }
 
 // ---- Hostile streams ----
@@ -1054,9 +1101,6 @@ fn hostile_stream_headers() {
 fn hostile_frames_leave_memory_untouched() {
     let e = receive_err(&stream(&[frame(9, 0, 0, 0, 0)]), true);
     assert!(matches!(e, MigrationError::UnknownFrame { kind: 9, offset: 32 }), "{e}");
-    // The device-state type is reserved for a later version.
-    let e = receive_err(&stream(&[frame(5, 0, 0, 16, 0)]), true);
-    assert!(matches!(e, MigrationError::UnknownFrame { kind: 5, .. }), "{e}");
     let e = receive_err(&stream(&[frame(1, 0x8000_0000, 1, 0, 0)]), true);
     assert!(matches!(e, MigrationError::InvalidFrame { what: "frame flags", .. }), "{e}");
     let e = receive_err(&stream(&[frame(1, 0, 0, 0, 0)]), true);
@@ -1287,6 +1331,189 @@ fn entries(mem: &Mem, memory: bool, tweak: impl Fn(usize, &mut [u64; 4])) -> Vec
         .collect()
 }
 
+/// A device state frame carrying `blob`, with its checksum.
+fn device_state(blob: &[u8]) -> Vec<u8> {
+    let mut f = frame(5, 0, blob.len() as u64, Checksum::of(blob), 0);
+    f.extend_from_slice(blob);
+    f
+}
+
+/// The honest end of a stream into `small()` memory that received nothing: checksums, done.
+fn honest_end(dst: &Mem) -> Vec<Vec<u8>> {
+    let mut frames = vec![frame(3, 0, 2, 0, 0)];
+    frames.extend(entries(dst, false, |_, _| {}));
+    frames.push(frame(4, 0, 0, 0, 0));
+    frames
+}
+
+#[test]
+fn device_state_travels_after_the_final_round_and_is_handed_out_once_verified() {
+    let src = small();
+    fill(&src, 11);
+    let blob: Vec<u8> = {
+        let mut rng = Rng(77);
+        (0..3 * MIB + 5).map(|_| rng.next() as u8).collect()
+    };
+    // One stream on a socket, vectored; and the plain path into a Vec.
+    let (a, b) = UnixStream::pair().unwrap();
+    let dst = small();
+    std::thread::scope(|s| {
+        let r = s.spawn(|| {
+            let mut receiver = Receiver::new_vectored(b);
+            let summary = receiver.receive(&dst).unwrap();
+            (summary, receiver.take_device_state(), receiver.take_device_state())
+        });
+        let mut sender = Sender::new_vectored(a).unwrap();
+        sender.send_all(&src).unwrap();
+        sender.end_round().unwrap();
+        sender.send_device_state(&blob).unwrap();
+        sender.finish(&src).unwrap();
+        let (summary, state, again) = r.join().unwrap();
+        assert_eq!(summary.device_state_len, Some(blob.len() as u64));
+        assert!(state.as_deref() == Some(&blob[..]), "the state differs");
+        assert_eq!(again, None, "handed out twice");
+    });
+    assert_same(&src, &dst);
+    let mut sender = Sender::new(Vec::new()).unwrap();
+    sender.send_device_state(b"no rounds at all").unwrap();
+    let bytes = sender.finish(&src).unwrap();
+    let mut receiver = Receiver::new(&bytes[..]);
+    receiver.receive(&small()).unwrap();
+    assert_eq!(receiver.take_device_state().as_deref(), Some(&b"no rounds at all"[..]));
+    // A stream without device state hands out none.
+    let plain = stream(&honest_end(&small()));
+    let mut receiver = Receiver::new(&plain[..]);
+    assert_eq!(receiver.receive(&small()).unwrap().device_state_len, None);
+    assert_eq!(receiver.take_device_state(), None);
+
+    // Pre-copy over three streams, the state sent by complete_with_device_state.
+    let (tx, rx) = socket_pairs(3);
+    let dst = small();
+    std::thread::scope(|s| {
+        let r = s.spawn(|| {
+            let mut receiver = MultiReceiver::new_vectored(rx);
+            let summary = receiver.receive(&dst).unwrap();
+            (summary, receiver.take_device_state())
+        });
+        let sender = MultiSender::new_vectored(tx).unwrap();
+        let mut precopy = Precopy::new(sender, &src, PrecopyConfig::default(), || Ok::<(), io::Error>(()));
+        precopy.run().unwrap();
+        src.write_obj(0xabcd_u64, GuestAddress(0x2_8000)).unwrap();
+        let (report, _) = precopy.complete_with_device_state(&blob[..1000]).unwrap();
+        assert_eq!(report.final_round.pages, 1);
+        let (summary, state) = r.join().unwrap();
+        assert_eq!(summary.device_state_len, Some(1000));
+        assert!(state.as_deref() == Some(&blob[..1000]), "the state differs");
+    });
+    assert_same(&src, &dst);
+}
+
+#[test]
+fn the_sender_refuses_device_state_it_cannot_send_and_writes_nothing() {
+    let src = small();
+    fill(&src, 5);
+    let mut sender = Sender::new(Vec::new()).unwrap();
+    let refused = |sender: &mut Sender<Vec<u8>>, state: &[u8], what: &str| {
+        let before = sender.get_ref().len();
+        let e = sender.send_device_state(state).unwrap_err();
+        assert!(matches!(&e, MigrationError::DeviceState(w) if w.contains(what)), "{e}");
+        assert_eq!(sender.get_ref().len(), before, "{e}: bytes written");
+    };
+    refused(&mut sender, &[], "empty");
+    refused(&mut sender, &vec![0; MAX_DEVICE_STATE as usize + 1], "larger");
+    sender.send_all(&src).unwrap();
+    refused(&mut sender, b"state", "inside a round");
+    sender.end_round().unwrap();
+    sender.send_device_state(b"state").unwrap();
+    refused(&mut sender, b"state", "already");
+    let bytes = sender.finish(&src).unwrap();
+    let dst = small();
+    let mut receiver = Receiver::new(&bytes[..]);
+    receiver.receive(&dst).unwrap();
+    assert_eq!(receiver.take_device_state().as_deref(), Some(&b"state"[..]));
+    assert_same(&src, &dst);
+    // Pre-copy refuses an empty state before its final round: nothing more is sent.
+    let precopy = Precopy::new(Sender::new(Vec::new()).unwrap(), &src, PrecopyConfig::default(), || {
+        Ok::<(), io::Error>(())
+    });
+    let e = precopy.complete_with_device_state(&[]).unwrap_err();
+    assert!(matches!(e, MigrationError::DeviceState(_)), "{e}");
+}
+
+#[test]
+fn hostile_device_state_frames() {
+    let dst = small();
+    let end = honest_end(&dst);
+    let with = |frames: &[Vec<u8>]| {
+        let mut all = frames.to_vec();
+        all.extend(end.iter().cloned());
+        stream(&all)
+    };
+    // The honest stream, for comparison.
+    let honest = with(&[device_state(b"regs")]);
+    let mut receiver = Receiver::new(&honest[..]);
+    receiver.receive(&small()).unwrap();
+    assert_eq!(receiver.take_device_state().as_deref(), Some(&b"regs"[..]));
+    // A corrupt state: its checksum does not match. A receiver that got a state before hands
+    // out none after the failed receive.
+    let mut corrupt = device_state(b"regs");
+    *corrupt.last_mut().unwrap() ^= 1;
+    let e = receive_err(&with(&[corrupt.clone()]), true);
+    assert!(matches!(e, MigrationError::DeviceStateMismatch { offset: 32, .. }), "{e}");
+    let mut two = with(&[device_state(b"regs")]);
+    two.extend_from_slice(&with(&[corrupt]));
+    let mut receiver = Receiver::new(&two[..]);
+    receiver.receive(&small()).unwrap();
+    assert!(receiver.receive(&small()).is_err());
+    assert_eq!(receiver.take_device_state(), None, "a state of an earlier receive");
+    // Empty, too large, a reserved argument, flags.
+    let e = receive_err(&with(&[frame(5, 0, 0, Checksum::of(&[]), 0)]), true);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "empty device state", .. }), "{e}");
+    let e = receive_err(&with(&[frame(5, 0, MAX_DEVICE_STATE + 1, 0, 0)]), true);
+    assert!(matches!(e, MigrationError::FrameTooLarge { what: "device state bytes", .. }), "{e}");
+    let e = receive_err(&with(&[frame(5, 0, u64::MAX, 0, 0)]), true);
+    assert!(matches!(e, MigrationError::FrameTooLarge { .. }), "{e}");
+    let mut reserved = device_state(b"regs");
+    reserved[24] = 1;
+    let e = receive_err(&with(&[reserved]), true);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "device state frame argument", .. }), "{e}");
+    let mut flagged = device_state(b"regs");
+    flagged[4] = 1;
+    let e = receive_err(&with(&[flagged]), true);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "frame flags", .. }), "{e}");
+    // A length announced and not sent (the stream ends inside the state): no 64 MiB buffer.
+    let mut cut = stream(&[frame(5, 0, MAX_DEVICE_STATE, 0, 0)]);
+    cut.extend_from_slice(&[7; 100]);
+    let e = receive_err(&cut, true);
+    assert!(
+        matches!(e, MigrationError::Truncated { offset: 32, what: "a device state frame", got: 132, .. }),
+        "{e}"
+    );
+    // Out of order: twice; pages, an end of round or done after it; inside a round with
+    // pages; after the checksums.
+    let twice = [device_state(b"a"), device_state(b"b")];
+    let e = receive_err(&with(&twice), true);
+    assert!(matches!(e, MigrationError::UnexpectedFrame { found: "device state", .. }), "{e}");
+    for next in [pages(&[run(0, 1, 1)], 0), frame(2, 0, 0, 0, 0), frame(4, 0, 0, 0, 0)] {
+        let e = receive_err(&with(&[device_state(b"a"), next]), true);
+        assert!(matches!(e, MigrationError::UnexpectedFrame { expected: "checksums", .. }), "{e}");
+    }
+    let e = receive_err(&with(&[pages(&[run(0, 1, 1)], 0), device_state(b"a")]), false);
+    assert!(matches!(e, MigrationError::UnexpectedFrame { found: "device state", .. }), "{e}");
+    let mut late = end[..end.len() - 1].to_vec();
+    late.push(device_state(b"a"));
+    let e = receive_err(&stream(&late), true);
+    assert!(
+        matches!(e, MigrationError::UnexpectedFrame { found: "device state", expected: "done", .. }),
+        "{e}"
+    );
+    // A state after an empty round is fine.
+    let after_round = with(&[frame(2, 0, 0, 0, 0), device_state(b"z")]);
+    let mut receiver = Receiver::new(&after_round[..]);
+    assert_eq!(receiver.receive(&small()).unwrap().rounds, 1);
+    assert_eq!(receiver.take_device_state().as_deref(), Some(&b"z"[..]));
+}
+
 #[test]
 fn hostile_checksums_and_end_of_stream() {
     let dst = small();
@@ -1453,6 +1680,8 @@ fn every_migration_error_variant_is_produced() {
         MigrationError::RegionCount { .. } => "RegionCount",
         MigrationError::RegionMismatch { .. } => "RegionMismatch",
         MigrationError::ChecksumMismatch { .. } => "ChecksumMismatch",
+        MigrationError::DeviceState(_) => "DeviceState",
+        MigrationError::DeviceStateMismatch { .. } => "DeviceStateMismatch",
         MigrationError::Harvest(_) => "Harvest",
         MigrationError::Sync(_) => "Sync",
     };
@@ -1489,6 +1718,11 @@ fn every_migration_error_variant_is_produced() {
         }
     }));
     produced.push(receive_err(&stream(&differs), true));
+    // Device state refused by the sender, corrupt at the receiver.
+    produced.push(Sender::new(Vec::new()).unwrap().send_device_state(&[]).unwrap_err());
+    let mut corrupt = device_state(b"regs");
+    corrupt[FRAME_HEADER_LEN] ^= 1;
+    produced.push(receive_err(&stream(&[corrupt]), true));
     // A source region without dirty tracking.
     let untracked = GuestRegionMmap::build(
         MmapRegionBuilder::<Option<AtomicBitmap>>::new(MIB).dirty_tracking(false),
@@ -1522,6 +1756,8 @@ fn every_migration_error_variant_is_produced() {
             "RegionCount",
             "RegionMismatch",
             "ChecksumMismatch",
+            "DeviceState",
+            "DeviceStateMismatch",
             "Harvest",
             "Sync",
         ],

@@ -64,7 +64,7 @@
 //! | 2 | end of round | round number (0, 1, ...) | data pages in the round | zero pages in the round | nothing |
 //! | 3 | checksums | regions | 1 if memory digests are given, else 0 | 0 | per region: start, length, stream digest, memory digest (4 × `u64`) |
 //! | 4 | done | 0 | 0 | 0 | nothing (end of stream) |
-//! | 5 | device state | reserved: refused by this version | | | |
+//! | 5 | device state | bytes (1 to [`MAX_DEVICE_STATE`]) | [`Checksum`](crate::checksum::Checksum) of the bytes | 0 | the bytes |
 //!
 //! A run is a guest address (`u64`, a multiple of 4096), a page count (`u32`, at least 1) and
 //! a kind (`u32`: 0 = data, its pages follow in the frame's data; 1 = zero, nothing follows).
@@ -75,11 +75,13 @@
 //! region with zeros, the receiver writes only the bytes inside the region (and ignores the
 //! rest), and both hash and zero-test it as its bytes followed by zeros. A run may cover that
 //! page, never a page past it.
-//! Pages and end-of-round frames come in any number; then stream 0 has exactly one checksums
-//! frame (one entry per destination region, in address order) and every stream ends with
-//! done. Type 5 is kept for an opaque blob of device (vCPU) state that a later version will
-//! carry between the last round and the checksums, so that a destination can resume the
-//! guest from one stream.
+//! Pages and end-of-round frames come in any number; then stream 0 may have one device
+//! state frame, right after an end of round (or before any page): an opaque blob from the
+//! source's VMM (vCPU registers, device models) that the destination needs to resume the
+//! guest ([`Sender::send_device_state`], [`Precopy::complete_with_device_state`],
+//! [`Receiver::take_device_state`], handed out only once the whole stream is verified); then
+//! stream 0 has exactly one checksums frame (one entry per destination region, in address
+//! order) and every stream ends with done.
 //!
 //! The page hash of a page's 512 little-endian words `w[n]`: lane `l = n % 16` takes its 32
 //! words in order and keeps four sums, `a += w; b += a` (wrapping) and `ha += w >> 32;
@@ -183,6 +185,11 @@ const FRAME_PAGES: u32 = 1;
 const FRAME_END_OF_ROUND: u32 = 2;
 const FRAME_CHECKSUMS: u32 = 3;
 const FRAME_DONE: u32 = 4;
+const FRAME_DEVICE_STATE: u32 = 5;
+
+/// The largest device state ([`Sender::send_device_state`]) a stream carries; the receiver
+/// refuses more.
+pub const MAX_DEVICE_STATE: u64 = 64 << 20;
 
 /// Run kinds.
 const RUN_DATA: u32 = 0;
@@ -198,6 +205,7 @@ fn frame_name(kind: u32) -> &'static str {
         FRAME_END_OF_ROUND => "end-of-round",
         FRAME_CHECKSUMS => "checksums",
         FRAME_DONE => "done",
+        FRAME_DEVICE_STATE => "device state",
         _ => "unknown",
     }
 }
@@ -395,6 +403,21 @@ pub enum MigrationError {
         /// The source's digest.
         expected: u64,
         /// The destination's.
+        actual: u64,
+    },
+    /// [`Sender::send_device_state`] refused: the state is empty or too large, was already
+    /// sent, comes inside a round with pages, or on a stream other than 0. Nothing was
+    /// written.
+    #[error("cannot send the device state: {0}")]
+    DeviceState(&'static str),
+    /// The device state that arrived does not match the checksum it came with.
+    #[error("device state at byte {offset} is corrupt: checksum {expected:#018x}, received {actual:#018x}")]
+    DeviceStateMismatch {
+        /// Where its frame starts.
+        offset: u64,
+        /// The checksum the frame gives.
+        expected: u64,
+        /// The checksum of the bytes received.
         actual: u64,
     },
     /// Harvesting the source's dirty pages failed (a region without dirty tracking).

@@ -199,6 +199,12 @@ impl<W: Write + Send> MultiSender<W> {
         Ok(total)
     }
 
+    /// Sends the device state on stream 0 (see [`Sender::send_device_state`]): after the final
+    /// round's [`end_round`](Self::end_round), before [`finish`](Self::finish).
+    pub fn send_device_state(&mut self, state: &[u8]) -> Result<()> {
+        self.senders[0].send_device_state(state)
+    }
+
     /// Ends every stream: done on each, after the checksums of `mem` on stream 0 (see
     /// [`Sender::finish`]). Returns the streams, in stream order.
     pub fn finish<M: GuestMemory + ?Sized>(self, mem: &M) -> Result<Vec<W>> {
@@ -234,6 +240,12 @@ impl<R: Read + Send> MultiReceiver<R> {
     /// Receivers on any `Read` (see [`Receiver::new`]), one per stream.
     pub fn new(streams: Vec<R>) -> Self {
         MultiReceiver { receivers: streams.into_iter().map(|r| Receiver::with_path(r, None)).collect() }
+    }
+
+    /// The device state stream 0 carried (see [`Receiver::take_device_state`]), if the last
+    /// receive succeeded and it carried one.
+    pub fn take_device_state(&mut self) -> Option<Vec<u8>> {
+        self.receivers.iter_mut().find_map(Receiver::take_device_state)
     }
 
     /// The streams, in the order given.

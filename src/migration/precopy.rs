@@ -40,6 +40,9 @@ pub trait PageSink: sealed::Sealed {
     /// The number of streams.
     fn stream_count(&self) -> usize;
 
+    /// [`Sender::send_device_state`].
+    fn send_state(&mut self, state: &[u8]) -> Result<()>;
+
     /// [`Sender::finish`].
     fn finish_streams<M: GuestMemory + ?Sized>(self, mem: &M) -> Result<Self::Streams>;
 }
@@ -68,6 +71,10 @@ impl<W: Write> PageSink for Sender<W> {
 
     fn stream_count(&self) -> usize {
         1
+    }
+
+    fn send_state(&mut self, state: &[u8]) -> Result<()> {
+        self.send_device_state(state)
     }
 
     fn finish_streams<M: GuestMemory + ?Sized>(self, mem: &M) -> Result<W> {
@@ -99,6 +106,10 @@ impl<W: Write + Send> PageSink for MultiSender<W> {
 
     fn stream_count(&self) -> usize {
         self.streams()
+    }
+
+    fn send_state(&mut self, state: &[u8]) -> Result<()> {
+        self.send_device_state(state)
     }
 
     fn finish_streams<M: GuestMemory + ?Sized>(self, mem: &M) -> Result<Vec<W>> {
@@ -350,13 +361,33 @@ where
     /// then the checksums and done. Runs the pre-copy rounds first if [`run`](Self::run) was
     /// not called (the downtime is then counted from their end). Returns the report and the
     /// stream.
-    pub fn complete(mut self) -> Result<(MigrationReport, S::Streams)> {
+    pub fn complete(self) -> Result<(MigrationReport, S::Streams)> {
+        self.complete_inner(None)
+    }
+
+    /// [`complete`](Self::complete), with the device state (the vCPUs' registers, the device
+    /// models: whatever the destination needs to resume the guest, saved after the pause)
+    /// sent between the final round and the checksums ([`Sender::send_device_state`]). The
+    /// destination's [`Receiver::take_device_state`](super::Receiver::take_device_state)
+    /// hands it out once the stream is verified. The report's downtime includes sending it.
+    pub fn complete_with_device_state(self, state: &[u8]) -> Result<(MigrationReport, S::Streams)> {
+        // Refused before the final round, so that nothing is sent for a state that cannot go.
+        if state.is_empty() || state.len() as u64 > super::MAX_DEVICE_STATE {
+            return Err(MigrationError::DeviceState("device state must be 1 to MAX_DEVICE_STATE bytes"));
+        }
+        self.complete_inner(Some(state))
+    }
+
+    fn complete_inner(mut self, state: Option<&[u8]>) -> Result<(MigrationReport, S::Streams)> {
         let stop = match self.stop {
             Some(stop) => stop,
             None => self.run()?,
         };
         let paused = Instant::now();
         let final_round = self.round(false)?;
+        if let Some(state) = state {
+            self.sender.send_state(state)?;
+        }
         let downtime = paused.elapsed();
         let verify_start = Instant::now();
         let stream_bytes_before = self.sender.bytes_written();

@@ -12,12 +12,14 @@ use super::send::{check_regions, memory_digest};
 use super::tables::{RegionTable, Tables};
 use super::{
     frame_name, MigrationError, Result, StreamId, CHECKSUMS_MEMORY, CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS,
-    FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, MAGIC, MAX_FRAME_DATA, MAX_RUNS,
-    MAX_STREAMS, RUN_DATA, RUN_LEN, RUN_ZERO, STREAM_HEADER_LEN, VERSION,
+    FRAME_DEVICE_STATE, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, MAGIC,
+    MAX_DEVICE_STATE, MAX_FRAME_DATA, MAX_RUNS, MAX_STREAMS, RUN_DATA, RUN_LEN, RUN_ZERO, STREAM_HEADER_LEN,
+    VERSION,
 };
 use crate::address::GuestAddress;
 use crate::bitmap::BitmapSlice;
 use crate::bytes::{le_u32, le_u64};
+use crate::checksum::Checksum;
 use crate::memory::{GuestMemory, GuestMemoryError};
 use crate::region::GuestMemoryRegion;
 use crate::sys;
@@ -46,6 +48,9 @@ pub struct ReceiveSummary {
     /// Whether the source sent memory digests ([`Sender::verify_memory`](super::Sender::verify_memory)),
     /// so that every region's contents were compared too.
     pub memory_verified: bool,
+    /// The length of the device state the stream carried
+    /// ([`Receiver::take_device_state`] hands it out), if it carried one.
+    pub device_state_len: Option<u64>,
 }
 
 impl ReceiveSummary {
@@ -57,6 +62,7 @@ impl ReceiveSummary {
         self.bytes += other.bytes;
         self.regions_verified = self.regions_verified.max(other.regions_verified);
         self.memory_verified |= other.memory_verified;
+        self.device_state_len = self.device_state_len.or(other.device_state_len);
     }
 }
 
@@ -134,6 +140,8 @@ pub struct Receiver<R> {
     /// Whether the stream is a socket, so that a receive can be tried without blocking;
     /// `None` until found out.
     socket: Option<bool>,
+    /// The device state of the last verified receive, until taken.
+    device_state: Option<Vec<u8>>,
 }
 
 /// A frame header read ahead: where it starts, and how much of it arrived.
@@ -182,12 +190,20 @@ impl<R: Read> Receiver<R> {
             ahead: None,
             pending: VecDeque::new(),
             socket: None,
+            device_state: None,
         }
     }
 
     /// The stream.
     pub fn into_inner(self) -> R {
         self.stream
+    }
+
+    /// The device state the source sent ([`Sender::send_device_state`](super::Sender::send_device_state))
+    /// on the last receive, if it sent one and the receive succeeded: the whole stream,
+    /// memory and device state, was verified. `None` after a failed receive, and once taken.
+    pub fn take_device_state(&mut self) -> Option<Vec<u8>> {
+        self.device_state.take()
     }
 
     /// Bytes of the stream consumed so far.
@@ -253,7 +269,10 @@ impl<R: Read> Receiver<R> {
     ) -> Result<ReceiveSummary> {
         // Runs of an earlier, failed receive name another memory's tables.
         self.pending.clear();
+        self.device_state = None;
         let mut summary = ReceiveSummary::default();
+        // The device state, once its frame arrived: handed out only when the stream is done.
+        let mut state: Option<Vec<u8>> = None;
         let (mut round_data, mut round_zero) = (0u64, 0u64);
         let mut verified = false;
         // Stream 0 ends with checksums then done; the others with done.
@@ -273,22 +292,35 @@ impl<R: Read> Receiver<R> {
             let (at, h) = self.frame_header()?;
             let (kind, flags, a, b, c) =
                 (le_u32(&h, 0), le_u32(&h, 4), le_u64(&h, 8), le_u64(&h, 16), le_u64(&h, 24));
-            if !matches!(kind, FRAME_PAGES | FRAME_END_OF_ROUND | FRAME_CHECKSUMS | FRAME_DONE) {
+            if !matches!(
+                kind,
+                FRAME_PAGES | FRAME_END_OF_ROUND | FRAME_CHECKSUMS | FRAME_DONE | FRAME_DEVICE_STATE
+            ) {
                 return Err(MigrationError::UnknownFrame { kind, offset: at });
             }
             if flags != 0 {
                 return Err(MigrationError::InvalidFrame { what: "frame flags", offset: at });
             }
+            // After the device state, only the checksums; the state itself between rounds.
             let allowed = match kind {
-                FRAME_DONE => verified || index != 0,
+                FRAME_DONE => verified || index != 0 && state.is_none(),
                 FRAME_CHECKSUMS => !verified && index == 0,
-                _ => !verified,
+                FRAME_DEVICE_STATE => {
+                    !verified && index == 0 && state.is_none() && round_data == 0 && round_zero == 0
+                }
+                _ => !verified && state.is_none(),
             };
             if !allowed {
                 return Err(MigrationError::UnexpectedFrame {
                     offset: at,
                     found: frame_name(kind),
-                    expected: if verified { expected_after } else { expected },
+                    expected: if verified {
+                        expected_after
+                    } else if state.is_some() {
+                        "checksums"
+                    } else {
+                        expected
+                    },
                 });
             }
             match kind {
@@ -325,6 +357,10 @@ impl<R: Read> Receiver<R> {
                     }
                     summary.rounds += 1;
                     (round_data, round_zero) = (0, 0);
+                }
+                FRAME_DEVICE_STATE => {
+                    state = Some(self.read_device_state(at, a, b, c)?);
+                    summary.device_state_len = Some(a);
                 }
                 FRAME_CHECKSUMS => {
                     if c != 0 {
@@ -365,10 +401,53 @@ impl<R: Read> Receiver<R> {
                     if let Some(rv) = rendezvous {
                         rv.done(index, summary.rounds);
                     }
+                    self.device_state = state;
                     return Ok(summary);
                 }
             }
         }
+    }
+
+    /// A device state frame's blob, after its header: length `len` (1 to
+    /// [`MAX_DEVICE_STATE`]), checksum `sum`. The buffer grows as bytes arrive, so a length
+    /// announced and not sent costs no memory.
+    fn read_device_state(&mut self, at: u64, len: u64, sum: u64, reserved: u64) -> Result<Vec<u8>> {
+        if reserved != 0 {
+            return Err(MigrationError::InvalidFrame { what: "device state frame argument", offset: at });
+        }
+        if len == 0 {
+            return Err(MigrationError::InvalidFrame { what: "empty device state", offset: at });
+        }
+        if len > MAX_DEVICE_STATE {
+            return Err(MigrationError::FrameTooLarge {
+                offset: at,
+                what: "device state bytes",
+                len,
+                max: MAX_DEVICE_STATE,
+            });
+        }
+        const PIECE: usize = 1 << 20;
+        let len = len as usize;
+        let mut blob = Vec::with_capacity(len.min(PIECE));
+        while blob.len() < len {
+            let start = blob.len();
+            blob.resize(start + (len - start).min(PIECE), 0);
+            let got = self.read_full(&mut blob[start..], "a device state frame");
+            if let Err(MigrationError::Truncated { got, .. }) = got {
+                return Err(MigrationError::Truncated {
+                    offset: at,
+                    what: "a device state frame",
+                    expected: (FRAME_HEADER_LEN + len) as u64,
+                    got: (FRAME_HEADER_LEN + start) as u64 + got,
+                });
+            }
+            got?;
+        }
+        let actual = Checksum::of(&blob);
+        if actual != sum {
+            return Err(MigrationError::DeviceStateMismatch { offset: at, expected: sum, actual });
+        }
+        Ok(blob)
     }
 
     /// The next frame header: read ahead with the last frame's data, or read now. Returns

@@ -11,12 +11,13 @@ use super::residency::{self, AbsentPages, Pagemap};
 use super::tables::{Digest, RegionTable, Tables};
 use super::{
     frame_header, io_error, stream_header, MigrationError, Result, StreamId, CHECKSUMS_MEMORY,
-    CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_PAGES, MAX_RUNS, RUN_DATA,
-    RUN_LEN, RUN_ZERO,
+    CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS, FRAME_DEVICE_STATE, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_PAGES,
+    MAX_DEVICE_STATE, MAX_RUNS, RUN_DATA, RUN_LEN, RUN_ZERO,
 };
 use crate::address::GuestAddress;
 use crate::bitmap::{Bitmap, DirtyHarvest};
 use crate::bytes::{put_le_u32, put_le_u64};
+use crate::checksum::Checksum;
 use crate::memory::{GuestMemory, GuestMemoryError, GuestMemoryMmap};
 use crate::region::GuestMemoryRegion;
 use crate::sys;
@@ -89,6 +90,8 @@ pub struct Sender<W> {
     round_zero_pages: u64,
     stream_bytes: u64,
     verify_memory: bool,
+    /// Whether the device state frame was sent (at most once, then only the checksums).
+    device_state_sent: bool,
     bounce: Vec<u8>,
     /// The ranges of the last harvest, kept to put them back if the send fails.
     ranges: Vec<(GuestAddress, u64)>,
@@ -144,6 +147,7 @@ impl<W: Write> Sender<W> {
             round_zero_pages: 0,
             stream_bytes: 0,
             verify_memory: false,
+            device_state_sent: false,
             bounce: Vec::new(),
             ranges: Vec::new(),
             tables,
@@ -309,6 +313,41 @@ impl<W: Write> Sender<W> {
         self.round_pages = 0;
         self.round_zero_pages = 0;
         Ok(end)
+    }
+
+    /// Sends the device state: an opaque blob (vCPU registers, device models, ...) that the
+    /// destination needs to resume the guest, and gets from
+    /// [`Receiver::take_device_state`](super::Receiver::take_device_state) once the whole
+    /// stream is verified. Call it with the source paused, after the final round's
+    /// [`end_round`](Self::end_round) and before [`finish`](Self::finish); at most once, on a
+    /// single stream or on stream 0 of a [`MultiSender`](super::MultiSender). The blob is 1
+    /// to [`MAX_DEVICE_STATE`] bytes and travels with a checksum of its own.
+    ///
+    /// Fails with [`MigrationError::DeviceState`] (nothing written) if the state is empty or
+    /// too large, was already sent, the current round has pages (end it first), or this is
+    /// not stream 0.
+    pub fn send_device_state(&mut self, state: &[u8]) -> Result<()> {
+        let refuse = |what| Err(MigrationError::DeviceState(what));
+        if self.id.index != 0 {
+            return refuse("device state goes on stream 0 only");
+        }
+        if self.device_state_sent {
+            return refuse("device state was already sent");
+        }
+        if self.round_pages != 0 {
+            return refuse("device state inside a round that has pages (end the round first)");
+        }
+        if state.is_empty() {
+            return refuse("empty device state");
+        }
+        if state.len() as u64 > MAX_DEVICE_STATE {
+            return refuse("device state larger than MAX_DEVICE_STATE");
+        }
+        let header = frame_header(FRAME_DEVICE_STATE, state.len() as u64, Checksum::of(state), 0);
+        self.write_all(&header, "writing the device state frame")?;
+        self.write_all(state, "writing the device state frame")?;
+        self.device_state_sent = true;
+        Ok(())
     }
 
     /// Ends the stream: the digest of every region of `mem` (of the pages sent; with
