@@ -3,7 +3,7 @@
 //! resumes and keeps running.
 //!
 //! ```text
-//! cargo run --release --all-features --example live_migration [MiB] [--local] [--no-kvm]
+//! cargo run --release --all-features --example live_migration [MiB] [--local | --postcopy] [--no-kvm]
 //! ```
 //!
 //! 1. Source memory (two regions, `MiB` in all, 1024 by default) with dirty tracking, and a
@@ -29,6 +29,9 @@
 //! `--local` migrates on the same host without copying: the source memory is memfds, whose
 //! descriptors go over a Unix socket (`migration::local`) to the destination, which maps the
 //! same pages; only the vCPU's registers travel on a (page-less) migration stream after it.
+//! `--postcopy` switches to post-copy after round 0: the guest resumes on the destination at
+//! once, over memory registered with a userfaultfd, and the pages it dirtied during round 0
+//! come after (`migration::postcopy`), the ones it touches first.
 //! `--no-kvm` (or no usable /dev/kvm) has a host thread play the guest, the same writes through
 //! the API, resumed on the destination from its write count.
 //!
@@ -45,7 +48,8 @@ use std::time::{Duration, Instant};
 use guestmem::kvm::KvmSlots;
 use guestmem::migration::local::{self, ReceiveOptions};
 use guestmem::migration::{
-    MigrationReport, Precopy, PrecopyConfig, ReceiveSummary, Receiver, RoundStats, Sender, StopReason,
+    MigrationReport, Precopy, PrecopyConfig, ReceiveSummary, Received, Receiver, RoundStats, Sender,
+    StopReason,
 };
 use guestmem::mmap::{Backing, MemfdOptions, MmapRegionBuilder};
 use guestmem::{
@@ -92,17 +96,22 @@ fn main() -> ExitCode {
 struct Options {
     mib: u64,
     local: bool,
+    postcopy: bool,
     kvm: bool,
 }
 
 fn options() -> Result<Options, BoxError> {
-    let mut o = Options { mib: 1024, local: false, kvm: true };
+    let mut o = Options { mib: 1024, local: false, postcopy: false, kvm: true };
     for arg in std::env::args().skip(1) {
         match arg.as_str() {
             "--no-kvm" => o.kvm = false,
             "--local" => o.local = true,
+            "--postcopy" => o.postcopy = true,
             _ => o.mib = arg.parse().map_err(|e| format!("memory size in MiB {arg:?}: {e}"))?,
         }
+    }
+    if o.local && o.postcopy {
+        return Err("--local and --postcopy are two ways to migrate: pick one".into());
     }
     if !(32..=1 << 20).contains(&o.mib) {
         return Err(format!("memory size must be 32 MiB to 1 TiB, not {} MiB", o.mib).into());
@@ -157,7 +166,7 @@ fn run() -> Result<bool, BoxError> {
         local_migration(&src, &writer, vms)?
     } else {
         let dst = Mem::from_ranges(&as_ranges(&layout))?;
-        network_migration(&src, dst, &writer, vms, size)?
+        network_migration(&src, dst, &writer, vms, size, o.postcopy)?
     };
     let Some(outcome) = outcome else { return Ok(false) };
     let downtime = outcome.resumed_at.saturating_duration_since(outcome.paused_at);
@@ -350,6 +359,7 @@ fn network_migration(
     writer: &LoopingWriter,
     vms: Option<(KvmEnd, KvmEnd)>,
     size: u64,
+    postcopy: bool,
 ) -> Result<Option<Outcome>, BoxError> {
     let (src_vm, mut dst_vm) = vms.unzip();
     if let Some(end) = dst_vm.as_mut() {
@@ -362,8 +372,16 @@ fn network_migration(
     };
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
-    let config = PrecopyConfig { downtime: DOWNTIME_BUDGET, max_rounds: 20, rate_window: 3 };
+    // Post-copy after round 0: what the guest dirtied meanwhile is fetched after it resumed.
+    let max_rounds = if postcopy { 0 } else { 20 };
+    let config = PrecopyConfig { downtime: DOWNTIME_BUDGET, max_rounds, rate_window: 3 };
     let stop = AtomicBool::new(false);
+    let started = Instant::now();
+    if postcopy {
+        return postcopy_migration(
+            src, dst, writer, listener, addr, config, vcpu, slots, src_vm, dst_vm, started,
+        );
+    }
     let (report, summary, paused_at, resumed_at, writes_at_pause, total_writes) =
         std::thread::scope(|s| -> Result<_, BoxError> {
             let dst = &dst;
@@ -410,6 +428,92 @@ fn network_migration(
         );
         return Ok(None);
     }
+    Ok(Some(Outcome { dst, local: false, paused_at, resumed_at, writes_at_pause, total_writes }))
+}
+
+/// Pre-copy round 0 over loopback TCP, then post-copy: the guest resumes on the destination
+/// at once and the pages it dirtied during round 0 come after, those it touches first.
+#[allow(clippy::too_many_arguments)]
+fn postcopy_migration(
+    src: &Mem,
+    dst: Mem,
+    writer: &LoopingWriter,
+    listener: TcpListener,
+    addr: std::net::SocketAddr,
+    config: PrecopyConfig,
+    vcpu: Option<VcpuFd>,
+    mut slots: Option<KvmSlots<AtomicBitmap>>,
+    src_vm: Option<kvm_guest::TestVm>,
+    mut dst_vm: Option<KvmEnd>,
+    started: Instant,
+) -> Result<Option<Outcome>, BoxError> {
+    let stop = AtomicBool::new(false);
+    let (report, summary, paused_at, resumed_at, writes_at_pause, total_writes) =
+        std::thread::scope(|s| -> Result<_, BoxError> {
+            let dst = &dst;
+            let destination = s.spawn(move || -> Result<_, BoxError> {
+                let (stream, peer) = listener.accept()?;
+                if !peer.ip().is_loopback() {
+                    return Err(format!("refusing a connection from {peer}").into());
+                }
+                let requests = stream.try_clone()?;
+                let mut receiver = Receiver::new_vectored(stream);
+                let start = match receiver.receive_or_postcopy(dst)? {
+                    Received::Postcopy(start) => start,
+                    Received::Complete(_) => return Err("the source did not switch to post-copy".into()),
+                };
+                let state = start.device_state().to_vec();
+                let stale = start.stale_pages();
+                // The memory is served from here on; the guest runs at once.
+                let running = start.start(receiver, dst, requests)?;
+                let resumed = resume(dst_vm.as_mut(), dst, writer, Some(state));
+                // A guest that failed on a page that never came: the post-copy's error says why.
+                let summary = running.wait()?;
+                let (resumed_at, total) = resumed?;
+                Ok((summary, stale, resumed_at, total))
+            });
+            let guest = start_source_guest(s, vcpu, src, writer, &stop);
+            let sync = || -> Result<(), BoxError> {
+                match slots.as_mut() {
+                    Some(slots) => slots.sync_dirty_log().map(drop).map_err(Into::into),
+                    None => Ok(()),
+                }
+            };
+            let stream = TcpStream::connect(addr)?;
+            let requests = stream.try_clone()?;
+            let mut precopy = Precopy::new(Sender::new_vectored(stream)?, src, config, sync);
+            precopy.run()?;
+            let paused_at = Instant::now();
+            let (state, writes_at_pause) = pause(guest, &stop)?;
+            let (report, stream) = precopy.postcopy(&state, requests)?;
+            drop(stream);
+            let (summary, stale, resumed_at, total) =
+                destination.join().map_err(|_| "the destination panicked")??;
+            assert_eq!(stale, report.stale_pages);
+            Ok((report, summary, paused_at, resumed_at, writes_at_pause, total))
+        })?;
+    let total_time = started.elapsed();
+    drop((slots, src_vm));
+    println!();
+    for r in &report.rounds {
+        println!("round {}: {} pages ({} zero) in {:.1} ms", r.round, r.pages, r.zero_pages, ms(r.duration));
+    }
+    println!(
+        "post-copy: {} stale pages ({:.1} MiB) after the switch, {} of them asked for by faults ({} requests ignored), {:.1} ms; {} missing pages were zero",
+        report.stale_pages,
+        (report.stale_pages * PAGE) as f64 / MIB as f64,
+        report.requested_pages,
+        report.ignored_requests,
+        ms(report.postcopy),
+        summary.zero_faults
+    );
+    println!(
+        "source side of the switch {:.2} ms; whole migration {:.0} ms; stream {:.1} MiB; checksums of {} regions match",
+        ms(report.switch),
+        ms(total_time),
+        report.stream_bytes as f64 / MIB as f64,
+        summary.receive.regions_verified
+    );
     Ok(Some(Outcome { dst, local: false, paused_at, resumed_at, writes_at_pause, total_writes }))
 }
 

@@ -1682,6 +1682,7 @@ fn every_migration_error_variant_is_produced() {
         MigrationError::ChecksumMismatch { .. } => "ChecksumMismatch",
         MigrationError::DeviceState(_) => "DeviceState",
         MigrationError::DeviceStateMismatch { .. } => "DeviceStateMismatch",
+        MigrationError::Postcopy(_) => "Postcopy",
         MigrationError::Harvest(_) => "Harvest",
         MigrationError::Sync(_) => "Sync",
     };
@@ -1723,6 +1724,10 @@ fn every_migration_error_variant_is_produced() {
     let mut corrupt = device_state(b"regs");
     corrupt[FRAME_HEADER_LEN] ^= 1;
     produced.push(receive_err(&stream(&[corrupt]), true));
+    // A stream that switched to post-copy, given to `receive`.
+    let mut switched = vec![frame(6, 0, 1, 1, 0), run(0, 1, 0)];
+    switched.push(device_state(b"regs"));
+    produced.push(Receiver::new(&stream(&switched)[..]).receive(&small()).unwrap_err());
     // A source region without dirty tracking.
     let untracked = GuestRegionMmap::build(
         MmapRegionBuilder::<Option<AtomicBitmap>>::new(MIB).dirty_tracking(false),
@@ -1758,6 +1763,7 @@ fn every_migration_error_variant_is_produced() {
             "ChecksumMismatch",
             "DeviceState",
             "DeviceStateMismatch",
+            "Postcopy",
             "Harvest",
             "Sync",
         ],

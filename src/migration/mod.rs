@@ -3,8 +3,9 @@
 //! validates every frame and writes the pages into destination memory, [`MultiSender`] and
 //! [`MultiReceiver`] that spread one migration over several connections, [`Precopy`], the
 //! pre-copy round logic (round 0 = all of memory, then rounds of dirty pages until the rest
-//! fits in a downtime budget), and [`local`], migration to another process on the same host
-//! by passing the memory's file descriptors instead of its contents.
+//! fits in a downtime budget), [`postcopy`], where the destination resumes the guest first and
+//! faults the last pages in from the source, and [`local`], migration to another process on
+//! the same host by passing the memory's file descriptors instead of its contents.
 //!
 //! # The model
 //!
@@ -65,6 +66,7 @@
 //! | 3 | checksums | regions | 1 if memory digests are given, else 0 | 0 | per region: start, length, stream digest, memory digest (4 × `u64`) |
 //! | 4 | done | 0 | 0 | 0 | nothing (end of stream) |
 //! | 5 | device state | bytes (1 to [`MAX_DEVICE_STATE`]) | [`Checksum`](crate::checksum::Checksum) of the bytes | 0 | the bytes |
+//! | 6 | post-copy start | runs (1 to [`postcopy::MAX_POSTCOPY_RUNS`]) | pages in all | 0 | the stale runs (16 bytes each, kind data): see [`postcopy`] |
 //!
 //! A run is a guest address (`u64`, a multiple of 4096), a page count (`u32`, at least 1) and
 //! a kind (`u32`: 0 = data, its pages follow in the frame's data; 1 = zero, nothing follows).
@@ -132,6 +134,7 @@
 pub mod local;
 mod multi;
 mod page_hash;
+pub mod postcopy;
 mod precopy;
 mod receive;
 mod residency;
@@ -141,7 +144,10 @@ mod tables;
 use std::io;
 
 pub use multi::{MultiReceiver, MultiSender};
-pub use precopy::{MigrationReport, PageSink, Precopy, PrecopyConfig, RoundStats, StopReason};
+pub use postcopy::{PostcopyDestination, PostcopyStart, PostcopySummary, Received};
+pub use precopy::{
+    MigrationReport, PageSink, PostcopyReport, Precopy, PrecopyConfig, RoundStats, StopReason,
+};
 pub use receive::{ReceiveSummary, Receiver};
 pub use send::{RoundEnd, Sender};
 
@@ -186,6 +192,7 @@ const FRAME_END_OF_ROUND: u32 = 2;
 const FRAME_CHECKSUMS: u32 = 3;
 const FRAME_DONE: u32 = 4;
 const FRAME_DEVICE_STATE: u32 = 5;
+const FRAME_POSTCOPY: u32 = 6;
 
 /// The largest device state ([`Sender::send_device_state`]) a stream carries; the receiver
 /// refuses more.
@@ -206,6 +213,7 @@ fn frame_name(kind: u32) -> &'static str {
         FRAME_CHECKSUMS => "checksums",
         FRAME_DONE => "done",
         FRAME_DEVICE_STATE => "device state",
+        FRAME_POSTCOPY => "post-copy start",
         _ => "unknown",
     }
 }
@@ -420,6 +428,12 @@ pub enum MigrationError {
         /// The checksum of the bytes received.
         actual: u64,
     },
+    /// Post-copy refused or failed: destination memory it cannot serve (not private
+    /// anonymous, a partial page, another layout), a stream that switched to post-copy given to
+    /// [`Receiver::receive`], a handler thread that died. See [`postcopy`] for what a failed
+    /// post-copy leaves.
+    #[error("post-copy: {0}")]
+    Postcopy(&'static str),
     /// Harvesting the source's dirty pages failed (a region without dirty tracking).
     #[error("harvesting dirty pages failed: {0}")]
     Harvest(#[from] BitmapError),

@@ -1,14 +1,17 @@
 //! Pre-copy rounds: round 0 sends all of memory, later rounds what was dirtied meanwhile,
 //! until what is left can be sent within the downtime budget.
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::time::{Duration, Instant};
 
 use super::{MigrationError, MultiSender, Result, RoundEnd, Sender};
+use crate::address::GuestAddress;
 use crate::bitmap::{Bitmap, DirtyHarvest};
 use crate::dirty::DirtyRate;
 use crate::memory::{GuestMemory, GuestMemoryMmap};
 use crate::region::GuestMemoryRegion;
+use crate::sys::uffd::poll_readable;
 
 mod sealed {
     pub trait Sealed {}
@@ -116,6 +119,31 @@ impl<W: Write + Send> PageSink for MultiSender<W> {
         self.finish(mem)
     }
 }
+
+/// What a post-copy ([`Precopy::postcopy`]) did at the source.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PostcopyReport {
+    /// The pre-copy rounds before the switch.
+    pub rounds: Vec<RoundStats>,
+    /// Why pre-copy stopped.
+    pub stop: StopReason,
+    /// From the start of [`Precopy::postcopy`] (call it right after pausing the source) to the
+    /// device state on the stream: the source's part of the downtime.
+    pub switch: Duration,
+    /// Stale pages (4 KiB) sent after the switch.
+    pub stale_pages: u64,
+    /// Of those, the pages the destination asked for and got ahead of the others.
+    pub requested_pages: u64,
+    /// Requests for pages that were sent already, or are not stale (ignored).
+    pub ignored_requests: u64,
+    /// From the switch to the done frame.
+    pub postcopy: Duration,
+    /// Bytes written to the stream in all.
+    pub stream_bytes: u64,
+}
+
+/// Pages the post-copy sender sends at once between two looks at the requests.
+const POSTCOPY_BATCH: u64 = 32;
 
 /// When the pre-copy rounds stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -412,4 +440,203 @@ where
         };
         Ok((report, stream))
     }
+}
+
+impl<'m, W, B, F, E> Precopy<'m, Sender<W>, B, F>
+where
+    W: Write,
+    B: Bitmap + DirtyHarvest + Send + Sync,
+    F: FnMut() -> std::result::Result<(), E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// With the source paused: post-copy instead of a final round (see
+    /// [`postcopy`](super::postcopy)). Harvests the pages still dirty (after a last sync), sends
+    /// them as the stale set with `state` (the device state the destination resumes the guest
+    /// from), then sends the stale pages: the ones the destination asks for on `requests` (the
+    /// return path: 8-byte guest addresses) first, the others in address order, each once;
+    /// then the checksums (stream digests) and done. Returns when every stale page is sent.
+    ///
+    /// With nothing dirty, there is nothing to fetch: the stream ends as
+    /// [`complete_with_device_state`](Self::complete_with_device_state) ends it and the
+    /// destination sees a complete migration. Refuses (before sending anything, the dirty pages
+    /// kept) memory with a partial last page, and an empty or oversized `state`. Once the
+    /// switch is on the stream, a failure cannot be undone: see the [module
+    /// docs](super::postcopy#when-it-fails).
+    pub fn postcopy<R: Read + AsFd>(mut self, state: &[u8], mut requests: R) -> Result<(PostcopyReport, W)> {
+        if state.is_empty() || state.len() as u64 > super::MAX_DEVICE_STATE {
+            return Err(MigrationError::DeviceState("device state must be 1 to MAX_DEVICE_STATE bytes"));
+        }
+        if self.mem.iter().any(|r| !r.len().is_multiple_of(super::STREAM_PAGE_SIZE)) {
+            return Err(MigrationError::Postcopy("post-copy needs regions of whole pages"));
+        }
+        let stop = match self.stop {
+            Some(stop) => stop,
+            None => self.run()?,
+        };
+        let paused = Instant::now();
+        self.sync()?;
+        let mut ranges: Vec<(GuestAddress, u64)> = Vec::new();
+        self.mem.take_dirty_ranges(|addr, len| ranges.push((addr, len)))?;
+        let runs = stale_runs(self.mem, &ranges);
+        if runs.is_empty() {
+            let rounds = self.rounds.clone();
+            let (report, stream) = self.complete_inner(Some(state))?;
+            let report = PostcopyReport {
+                rounds,
+                stop,
+                switch: report.downtime,
+                stale_pages: 0,
+                requested_pages: 0,
+                ignored_requests: 0,
+                postcopy: Duration::ZERO,
+                stream_bytes: report.stream_bytes,
+            };
+            return Ok((report, stream));
+        }
+        let switched =
+            self.sender.send_postcopy_start(&runs).and_then(|()| self.sender.send_device_state(state));
+        if let Err(e) = switched {
+            // Nothing is lost at the source: the pages are dirty again for whatever comes next.
+            let _ = self.mem.restore_dirty_ranges(&ranges);
+            return Err(e);
+        }
+        let switch = paused.elapsed();
+        let started = Instant::now();
+        // Page `i` of the stale set is page `i - starts[r]` of run `r`.
+        let mut starts = Vec::with_capacity(runs.len());
+        let mut total = 0u64;
+        for &(_, pages) in &runs {
+            starts.push(total);
+            total += pages;
+        }
+        let mut sent = vec![0u64; total.div_ceil(64) as usize];
+        let is_sent = |sent: &[u64], i: u64| sent[(i / 64) as usize] & (1 << (i % 64)) != 0;
+        let (mut done, mut requested, mut ignored) = (0u64, 0u64, 0u64);
+        let mut cursor = 0u64;
+        let mut buf = [0u8; 64 * super::postcopy::REQUEST_LEN];
+        let mut have = 0usize;
+        let mut listening = true;
+        while done < total {
+            // Requests first: whatever has arrived, without waiting.
+            while listening
+                && poll_readable(&[requests.as_fd()], 0).map_err(io_read("polling the return path"))?[0]
+            {
+                let n = match requests.read(&mut buf[have..]) {
+                    Ok(0) => {
+                        // The destination closed its side: the rest goes in the background.
+                        listening = false;
+                        break;
+                    }
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(MigrationError::Io { op: "reading the return path", source: e }),
+                };
+                have += n;
+                let whole = have / super::postcopy::REQUEST_LEN * super::postcopy::REQUEST_LEN;
+                for req in buf[..whole].chunks_exact(super::postcopy::REQUEST_LEN) {
+                    let gpa =
+                        u64::from_le_bytes(req.try_into().expect("8 bytes")) & !(super::STREAM_PAGE_SIZE - 1);
+                    let r = runs.partition_point(|&(a, _)| a <= gpa);
+                    let index = r.checked_sub(1).and_then(|r| {
+                        let (a, pages) = runs[r];
+                        let p = (gpa - a) / super::STREAM_PAGE_SIZE;
+                        (p < pages).then_some(starts[r] + p)
+                    });
+                    match index {
+                        Some(i) if !is_sent(&sent, i) => {
+                            self.sender
+                                .send_ranges(self.mem, &[(GuestAddress(gpa), super::STREAM_PAGE_SIZE)])?;
+                            sent[(i / 64) as usize] |= 1 << (i % 64);
+                            (done, requested) = (done + 1, requested + 1);
+                        }
+                        _ => ignored += 1,
+                    }
+                }
+                buf.copy_within(whole..have, 0);
+                have -= whole;
+            }
+            // Then a few pages in address order.
+            while cursor < total && is_sent(&sent, cursor) {
+                cursor += 1;
+            }
+            if cursor == total {
+                continue;
+            }
+            let r = starts.partition_point(|&s| s <= cursor) - 1;
+            let (addr, pages) = runs[r];
+            let first = cursor - starts[r];
+            let mut n = 0;
+            while n < POSTCOPY_BATCH && first + n < pages && !is_sent(&sent, cursor + n) {
+                n += 1;
+            }
+            let at = GuestAddress(addr + first * super::STREAM_PAGE_SIZE);
+            self.sender.send_ranges(self.mem, &[(at, n * super::STREAM_PAGE_SIZE)])?;
+            for i in cursor..cursor + n {
+                sent[(i / 64) as usize] |= 1 << (i % 64);
+            }
+            done += n;
+            cursor += n;
+        }
+        self.sender.end_round()?;
+        let stream_bytes = self.sender.stream_bytes();
+        let stream = self.sender.finish(self.mem)?;
+        // Read the return path to its end (the destination closes it once every page arrived):
+        // a TCP socket closed with unread requests would reset the connection, and the
+        // destination could lose the end of the stream. A destination silent for 10 s is left.
+        let mut sink = [0u8; 512];
+        while listening
+            && poll_readable(&[requests.as_fd()], 10_000).map_err(io_read("polling the return path"))?[0]
+        {
+            match requests.read(&mut sink) {
+                Ok(0) => break,
+                Ok(n) => ignored += (n / super::postcopy::REQUEST_LEN) as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+        let report = PostcopyReport {
+            rounds: self.rounds,
+            stop,
+            switch,
+            stale_pages: total,
+            requested_pages: requested,
+            ignored_requests: ignored,
+            postcopy: started.elapsed(),
+            stream_bytes: stream_bytes
+                + (super::FRAME_HEADER_LEN * 2 + self.mem.num_regions() * super::CHECKSUM_ENTRY_LEN) as u64,
+        };
+        Ok((report, stream))
+    }
+}
+
+/// The dirty ranges of a harvest as stream page runs (guest address, pages), ascending, each in
+/// one region.
+fn stale_runs<B: Bitmap>(mem: &GuestMemoryMmap<B>, ranges: &[(GuestAddress, u64)]) -> Vec<(u64, u64)> {
+    let page = super::STREAM_PAGE_SIZE;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut sorted: Vec<_> = ranges.iter().filter(|r| r.1 > 0).copied().collect();
+    sorted.sort_unstable_by_key(|r| r.0);
+    for (addr, len) in sorted {
+        let mut first = addr.0 & !(page - 1);
+        let end = (addr.0 + len).next_multiple_of(page);
+        // Cut at region ends: a run lies in one region.
+        while first < end {
+            let Some(region) = mem.find_region(GuestAddress(first)) else { break };
+            let piece_end = end.min(region.start_addr().0 + region.len());
+            match runs.last_mut() {
+                // Adjacent or overlapping, and in the same region: one run.
+                Some(last) if first <= last.0 + last.1 * page && last.0 >= region.start_addr().0 => {
+                    let last_end = (last.0 + last.1 * page).max(piece_end);
+                    last.1 = (last_end - last.0) / page;
+                }
+                _ => runs.push((first, (piece_end - first) / page)),
+            }
+            first = piece_end;
+        }
+    }
+    runs
+}
+
+fn io_read(op: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
+    move |source| MigrationError::Io { op, source }
 }

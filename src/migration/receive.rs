@@ -7,12 +7,13 @@ use std::sync::Arc;
 
 use super::multi::Rendezvous;
 use super::page_hash::{self, PAGE};
+use super::postcopy::{PostcopyStart, Received, StaleRun, MAX_POSTCOPY_RUNS};
 use super::residency::{self, AbsentPages, Pagemap};
 use super::send::{check_regions, memory_digest};
 use super::tables::{RegionTable, Tables};
 use super::{
     frame_name, MigrationError, Result, StreamId, CHECKSUMS_MEMORY, CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS,
-    FRAME_DEVICE_STATE, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, MAGIC,
+    FRAME_DEVICE_STATE, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, FRAME_POSTCOPY, MAGIC,
     MAX_DEVICE_STATE, MAX_FRAME_DATA, MAX_RUNS, MAX_STREAMS, RUN_DATA, RUN_LEN, RUN_ZERO, STREAM_HEADER_LEN,
     VERSION,
 };
@@ -86,6 +87,19 @@ impl Destination {
         Ok(Destination { tables: Tables::default().for_memory(mem), trusted, pagemap })
     }
 
+    /// Whether `mem` has the regions (places and lengths) this destination was made for.
+    pub(super) fn same_layout<M: GuestMemory + ?Sized>(&self, mem: &M) -> bool {
+        mem.num_regions() == self.tables.len()
+            && mem.iter().zip(&self.tables).all(|(r, t)| {
+                r.start_addr().0 == t.first_page() * PAGE as u64 && r.start_addr().0 + r.len() == t.end()
+            })
+    }
+
+    /// The hash table of region `i`.
+    pub(super) fn table(&self, i: usize) -> &RegionTable {
+        &self.tables[i]
+    }
+
     /// The index of the region holding guest page `page` (known to be in memory).
     fn region_of(&self, page: u64) -> usize {
         self.tables.partition_point(|t| t.first_page() <= page) - 1
@@ -142,6 +156,8 @@ pub struct Receiver<R> {
     socket: Option<bool>,
     /// The device state of the last verified receive, until taken.
     device_state: Option<Vec<u8>>,
+    /// The stale runs of a post-copy start frame, once it arrived.
+    postcopy: Option<Vec<StaleRun>>,
 }
 
 /// A frame header read ahead: where it starts, and how much of it arrived.
@@ -154,14 +170,14 @@ struct Ahead {
 
 /// One validated run of a pages frame.
 #[derive(Clone, Copy, Debug)]
-struct Run {
-    addr: GuestAddress,
-    pages: u64,
+pub(super) struct Run {
+    pub(super) addr: GuestAddress,
+    pub(super) pages: u64,
     /// Its bytes inside its region: `pages` × 4096, or fewer when it ends with the region's
     /// partial last page (on the stream the page is whole; the rest is ignored).
     valid: u64,
-    zero: bool,
-    region: usize,
+    pub(super) zero: bool,
+    pub(super) region: usize,
 }
 
 impl<R: Read + AsFd> Receiver<R> {
@@ -191,6 +207,7 @@ impl<R: Read> Receiver<R> {
             pending: VecDeque::new(),
             socket: None,
             device_state: None,
+            postcopy: None,
         }
     }
 
@@ -214,6 +231,19 @@ impl<R: Read> Receiver<R> {
     /// Reads the whole stream (header, frames, checksums, done) into `mem` and verifies every
     /// region's digests. Stops at the done frame (later bytes are left unread).
     pub fn receive<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<ReceiveSummary> {
+        match self.receive_or_postcopy(mem)? {
+            Received::Complete(summary) => Ok(summary),
+            Received::Postcopy(_) => Err(MigrationError::Postcopy(
+                "the source switched to post-copy (receive the stream with receive_or_postcopy)",
+            )),
+        }
+    }
+
+    /// [`receive`](Self::receive), for a source that may switch to post-copy
+    /// ([`Precopy::postcopy`](super::Precopy::postcopy)): returns
+    /// [`Received::Complete`] at the end of a whole stream, or [`Received::Postcopy`] once the
+    /// post-copy start and the device state arrived (see [`postcopy`](super::postcopy)).
+    pub fn receive_or_postcopy<M: GuestMemory + ?Sized>(&mut self, mem: &M) -> Result<Received> {
         let dest = Destination::new(mem)?;
         let id = self.read_stream_header()?;
         if id.count != 1 || id.index != 0 {
@@ -222,7 +252,14 @@ impl<R: Read> Receiver<R> {
                 what: "a stream of a multi-stream migration (receive it with a MultiReceiver)",
             });
         }
-        self.receive_frames(mem, &dest, 0, None)
+        let summary = self.receive_frames(mem, &dest, 0, None)?;
+        Ok(match self.postcopy.take() {
+            None => Received::Complete(summary),
+            Some(stale) => {
+                let state = self.device_state.take().unwrap_or_default();
+                Received::Postcopy(PostcopyStart { dest, stale, state, summary })
+            }
+        })
     }
 
     /// Reads and checks the stream header.
@@ -270,6 +307,7 @@ impl<R: Read> Receiver<R> {
         // Runs of an earlier, failed receive name another memory's tables.
         self.pending.clear();
         self.device_state = None;
+        self.postcopy = None;
         let mut summary = ReceiveSummary::default();
         // The device state, once its frame arrived: handed out only when the stream is done.
         let mut state: Option<Vec<u8>> = None;
@@ -294,21 +332,35 @@ impl<R: Read> Receiver<R> {
                 (le_u32(&h, 0), le_u32(&h, 4), le_u64(&h, 8), le_u64(&h, 16), le_u64(&h, 24));
             if !matches!(
                 kind,
-                FRAME_PAGES | FRAME_END_OF_ROUND | FRAME_CHECKSUMS | FRAME_DONE | FRAME_DEVICE_STATE
+                FRAME_PAGES
+                    | FRAME_END_OF_ROUND
+                    | FRAME_CHECKSUMS
+                    | FRAME_DONE
+                    | FRAME_DEVICE_STATE
+                    | FRAME_POSTCOPY
             ) {
                 return Err(MigrationError::UnknownFrame { kind, offset: at });
             }
             if flags != 0 {
                 return Err(MigrationError::InvalidFrame { what: "frame flags", offset: at });
             }
-            // After the device state, only the checksums; the state itself between rounds.
+            // After the device state, only the checksums; the state itself between rounds; after
+            // a post-copy start, only the device state.
+            let postcopy = self.postcopy.is_some();
+            let between_rounds = round_data == 0 && round_zero == 0;
             let allowed = match kind {
-                FRAME_DONE => verified || index != 0 && state.is_none(),
-                FRAME_CHECKSUMS => !verified && index == 0,
-                FRAME_DEVICE_STATE => {
-                    !verified && index == 0 && state.is_none() && round_data == 0 && round_zero == 0
+                FRAME_DONE => !postcopy && (verified || index != 0 && state.is_none()),
+                FRAME_CHECKSUMS => !postcopy && !verified && index == 0,
+                FRAME_DEVICE_STATE => !verified && index == 0 && state.is_none() && between_rounds,
+                FRAME_POSTCOPY => {
+                    !verified
+                        && index == 0
+                        && rendezvous.is_none()
+                        && state.is_none()
+                        && !postcopy
+                        && between_rounds
                 }
-                _ => !verified && state.is_none(),
+                _ => !verified && state.is_none() && !postcopy,
             };
             if !allowed {
                 return Err(MigrationError::UnexpectedFrame {
@@ -316,6 +368,8 @@ impl<R: Read> Receiver<R> {
                     found: frame_name(kind),
                     expected: if verified {
                         expected_after
+                    } else if postcopy {
+                        "device state"
                     } else if state.is_some() {
                         "checksums"
                     } else {
@@ -361,6 +415,15 @@ impl<R: Read> Receiver<R> {
                 FRAME_DEVICE_STATE => {
                     state = Some(self.read_device_state(at, a, b, c)?);
                     summary.device_state_len = Some(a);
+                    if postcopy {
+                        // The rest comes to the post-copy handler.
+                        self.drain(mem, dest)?;
+                        self.device_state = state;
+                        return Ok(summary);
+                    }
+                }
+                FRAME_POSTCOPY => {
+                    self.postcopy = Some(self.read_stale_runs(mem, at, a, b, c)?);
                 }
                 FRAME_CHECKSUMS => {
                     if c != 0 {
@@ -452,7 +515,7 @@ impl<R: Read> Receiver<R> {
 
     /// The next frame header: read ahead with the last frame's data, or read now. Returns
     /// where it starts.
-    fn frame_header(&mut self) -> Result<(u64, [u8; FRAME_HEADER_LEN])> {
+    pub(super) fn frame_header(&mut self) -> Result<(u64, [u8; FRAME_HEADER_LEN])> {
         match self.ahead.take() {
             Some(ahead) if ahead.got == FRAME_HEADER_LEN => Ok((ahead.offset, ahead.bytes)),
             Some(ahead) => Err(MigrationError::Truncated {
@@ -507,12 +570,7 @@ impl<R: Read> Receiver<R> {
                 max: MAX_FRAME_DATA,
             });
         }
-        let n = count as usize;
-        let mut raw = std::mem::take(&mut self.raw_runs);
-        let read = self.read_full(&mut raw[..n * RUN_LEN], "the runs of a pages frame");
-        let parsed = read.and_then(|()| parse_runs(mem, dest, &raw[..n * RUN_LEN], runs, at, data_len));
-        self.raw_runs = raw;
-        let (data_pages, zero_pages) = parsed?;
+        let (data_pages, zero_pages) = self.read_runs_checked(mem, dest, runs, at, count, data_len)?;
 
         // The data, straight into the data runs' pages.
         let data_at = self.offset;
@@ -562,6 +620,155 @@ impl<R: Read> Receiver<R> {
             self.hash_pending(mem, dest)?;
         }
         Ok((data_pages, zero_pages))
+    }
+
+    /// The runs of a pages frame whose header (`count` runs, `data_len` bytes, `reserved`) is
+    /// checked here, read and parsed into `runs`. Returns the data and zero pages.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn read_runs<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        dest: &Destination,
+        runs: &mut Vec<Run>,
+        at: u64,
+        count: u64,
+        data_len: u64,
+        reserved: u64,
+    ) -> Result<(u64, u64)> {
+        if reserved != 0 {
+            return Err(MigrationError::InvalidFrame { what: "pages frame argument", offset: at });
+        }
+        if count == 0 {
+            return Err(MigrationError::InvalidFrame { what: "empty pages frame", offset: at });
+        }
+        if count > MAX_RUNS as u64 {
+            return Err(MigrationError::FrameTooLarge {
+                offset: at,
+                what: "runs",
+                len: count,
+                max: MAX_RUNS as u64,
+            });
+        }
+        if data_len > MAX_FRAME_DATA {
+            return Err(MigrationError::FrameTooLarge {
+                offset: at,
+                what: "data bytes",
+                len: data_len,
+                max: MAX_FRAME_DATA,
+            });
+        }
+        self.read_runs_checked(mem, dest, runs, at, count, data_len)
+    }
+
+    fn read_runs_checked<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        dest: &Destination,
+        runs: &mut Vec<Run>,
+        at: u64,
+        count: u64,
+        data_len: u64,
+    ) -> Result<(u64, u64)> {
+        let n = count as usize;
+        let mut raw = std::mem::take(&mut self.raw_runs);
+        let read = self.read_full(&mut raw[..n * RUN_LEN], "the runs of a pages frame");
+        let parsed = read.and_then(|()| parse_runs(mem, dest, &raw[..n * RUN_LEN], runs, at, data_len));
+        self.raw_runs = raw;
+        parsed
+    }
+
+    /// A post-copy start frame's runs, after its header: `count` runs (1 to
+    /// [`MAX_POSTCOPY_RUNS`]) of `pages` pages in all, each a data run of whole pages in one
+    /// writable region, ascending and not overlapping. Read in pieces, so that a count
+    /// announced and not sent costs no memory.
+    fn read_stale_runs<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        at: u64,
+        count: u64,
+        pages: u64,
+        reserved: u64,
+    ) -> Result<Vec<StaleRun>> {
+        let invalid = |what| MigrationError::InvalidFrame { what, offset: at };
+        if reserved != 0 {
+            return Err(invalid("post-copy start frame argument"));
+        }
+        if count == 0 {
+            return Err(invalid("post-copy start without stale pages"));
+        }
+        if count > MAX_POSTCOPY_RUNS {
+            return Err(MigrationError::FrameTooLarge {
+                offset: at,
+                what: "post-copy runs",
+                len: count,
+                max: MAX_POSTCOPY_RUNS,
+            });
+        }
+        let mut stale: Vec<StaleRun> = Vec::with_capacity((count as usize).min(MAX_RUNS));
+        let (mut end, mut total) = (0u64, 0u64);
+        let mut raw = std::mem::take(&mut self.raw_runs);
+        let mut result = Ok(());
+        while (stale.len() as u64) < count {
+            let n = ((count - stale.len() as u64) as usize).min(MAX_RUNS);
+            if let Err(e) = self.read_full(&mut raw[..n * RUN_LEN], "the runs of a post-copy start frame") {
+                result = Err(e);
+                break;
+            }
+            for r in raw[..n * RUN_LEN].chunks_exact(RUN_LEN) {
+                let (addr, len_pages, kind) = (le_u64(r, 0), u64::from(le_u32(r, 8)), le_u32(r, 12));
+                let check = || -> Result<u64> {
+                    if kind != RUN_DATA {
+                        return Err(invalid("post-copy run kind"));
+                    }
+                    if len_pages == 0 {
+                        return Err(invalid("empty run"));
+                    }
+                    if !addr.is_multiple_of(PAGE as u64) {
+                        return Err(invalid("run not page aligned"));
+                    }
+                    if addr < end {
+                        return Err(invalid("runs out of order or overlapping"));
+                    }
+                    let len = len_pages * PAGE as u64;
+                    let memory_error =
+                        |source| MigrationError::Memory { addr: GuestAddress(addr), len, source };
+                    let run_end = addr.checked_add(len).ok_or_else(|| {
+                        memory_error(GuestMemoryError::Overflow {
+                            addr: GuestAddress(addr),
+                            len: len as usize,
+                        })
+                    })?;
+                    let s = mem.get_slice(GuestAddress(addr), len as usize).map_err(memory_error)?;
+                    if !s.is_writable() {
+                        return Err(memory_error(GuestMemoryError::ReadOnly {
+                            addr: GuestAddress(addr),
+                            len: len as usize,
+                        }));
+                    }
+                    Ok(run_end)
+                };
+                match check() {
+                    Ok(run_end) => {
+                        end = run_end;
+                        total += len_pages;
+                        stale.push((addr, len_pages));
+                    }
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            if result.is_err() {
+                break;
+            }
+        }
+        self.raw_runs = raw;
+        result?;
+        if total != pages {
+            return Err(invalid("post-copy page count disagrees with the runs"));
+        }
+        Ok(stale)
     }
 
     /// Reads `len` bytes of page data into the data runs (and, on an fd, the next frame's
@@ -755,7 +962,7 @@ impl<R: Read> Receiver<R> {
 
     /// The entries of a checksums frame, each compared with the destination region at the
     /// same place. Returns the number of regions verified.
-    fn verify<M: GuestMemory + ?Sized>(
+    pub(super) fn verify<M: GuestMemory + ?Sized>(
         &mut self,
         mem: &M,
         dest: &Destination,
@@ -811,7 +1018,7 @@ impl<R: Read> Receiver<R> {
     }
 
     /// Fills `buf` from the stream, or fails with [`MigrationError::Truncated`] naming `what`.
-    fn read_full(&mut self, buf: &mut [u8], what: &'static str) -> Result<()> {
+    pub(super) fn read_full(&mut self, buf: &mut [u8], what: &'static str) -> Result<()> {
         let mut got = 0;
         while got < buf.len() {
             match read_some(&mut self.stream, &mut buf[got..], "reading the stream")? {

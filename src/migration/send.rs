@@ -12,7 +12,7 @@ use super::tables::{Digest, RegionTable, Tables};
 use super::{
     frame_header, io_error, stream_header, MigrationError, Result, StreamId, CHECKSUMS_MEMORY,
     CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS, FRAME_DEVICE_STATE, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_PAGES,
-    MAX_DEVICE_STATE, MAX_RUNS, RUN_DATA, RUN_LEN, RUN_ZERO,
+    FRAME_POSTCOPY, MAX_DEVICE_STATE, MAX_RUNS, RUN_DATA, RUN_LEN, RUN_ZERO,
 };
 use crate::address::GuestAddress;
 use crate::bitmap::{Bitmap, DirtyHarvest};
@@ -348,6 +348,37 @@ impl<W: Write> Sender<W> {
         self.write_all(state, "writing the device state frame")?;
         self.device_state_sent = true;
         Ok(())
+    }
+
+    /// The post-copy start frame (see [`postcopy`](super::postcopy)): the stale runs
+    /// (guest address, pages), ascending, each in one region. Called by
+    /// [`Precopy::postcopy`](super::Precopy::postcopy) between rounds; memory digests are
+    /// turned off, as the destination guest runs before the end.
+    pub(super) fn send_postcopy_start(&mut self, runs: &[(u64, u64)]) -> Result<()> {
+        if self.id.index != 0 || self.id.count != 1 || self.device_state_sent || self.round_pages != 0 {
+            return Err(MigrationError::Postcopy("post-copy starts between rounds of a single stream"));
+        }
+        // A run has a 32-bit page count: longer ones are split.
+        let mut raw = Vec::with_capacity(runs.len() * RUN_LEN);
+        let (mut count, mut total) = (0u64, 0u64);
+        for &(addr, pages) in runs {
+            let mut at = 0;
+            while at < pages {
+                let n = (pages - at).min(u64::from(u32::MAX));
+                let mut run = [0u8; RUN_LEN];
+                put_le_u64(&mut run, 0, addr + at * PAGE as u64);
+                put_le_u32(&mut run, 8, n as u32);
+                put_le_u32(&mut run, 12, RUN_DATA);
+                raw.extend_from_slice(&run);
+                (at, count, total) = (at + n, count + 1, total + n);
+            }
+        }
+        if count == 0 || count > super::postcopy::MAX_POSTCOPY_RUNS {
+            return Err(MigrationError::Postcopy("post-copy needs 1 to MAX_POSTCOPY_RUNS stale runs"));
+        }
+        self.verify_memory = false;
+        self.write_all(&frame_header(FRAME_POSTCOPY, count, total, 0), "writing the post-copy start frame")?;
+        self.write_all(&raw, "writing the post-copy start frame")
     }
 
     /// Ends the stream: the digest of every region of `mem` (of the pages sent; with

@@ -2,7 +2,7 @@
 //! `mlock(2)`/`munlock(2)`/`mlock2(2)`, `mincore(2)` and the page size from `sysconf(3)`.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::cvt;
@@ -319,6 +319,64 @@ pub unsafe fn munmap(addr: *mut u8, len: usize) -> io::Result<()> {
 pub unsafe fn mprotect(addr: *mut u8, len: usize, prot: Protection) -> io::Result<()> {
     // SAFETY: the caller guarantees all users of the range tolerate the new protection.
     cvt(unsafe { libc::mprotect(addr.cast(), len, prot.bits()) }).map(drop)
+}
+
+/// `madvise(2)` of many ranges of this process at once: `process_madvise(2)` on a pidfd of
+/// this process, 1024 ranges per call (the kernel then batches the TLB flushes of
+/// `MADV_DONTNEED`). A kernel whose `process_madvise` refuses the advice for the calling
+/// process (before Linux 6.13), or has no `process_madvise`, gets one `madvise` per range.
+///
+/// # Safety
+/// As [`madvise`], for every range.
+pub unsafe fn madvise_ranges(ranges: &[(*mut u8, usize)], advice: Advice) -> io::Result<()> {
+    const BATCH: usize = 1024;
+    // SAFETY: pidfd_open has no memory arguments.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) };
+    let pidfd = (pidfd >= 0).then(|| {
+        // SAFETY: the kernel just gave us this fd.
+        unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) }
+    });
+    let mut at = 0;
+    if let Some(pidfd) = &pidfd {
+        while at < ranges.len() {
+            let batch = &ranges[at..(at + BATCH).min(ranges.len())];
+            let iov: Vec<libc::iovec> = batch
+                .iter()
+                .map(|&(addr, len)| libc::iovec { iov_base: addr.cast(), iov_len: len })
+                .collect();
+            let want: usize = batch.iter().map(|r| r.1).sum();
+            // SAFETY: the iovecs describe the caller's ranges, under the caller's contract.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_process_madvise,
+                    pidfd.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len(),
+                    advice.raw(),
+                    0,
+                )
+            };
+            if ret < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    // Not this advice for ourselves, or no such call: one range at a time.
+                    Some(libc::EINVAL | libc::ENOSYS | libc::EPERM) => break,
+                    Some(libc::EINTR) => continue,
+                    _ => return Err(e),
+                }
+            }
+            if ret as usize != want {
+                // Part of the batch: finish it range by range.
+                break;
+            }
+            at += batch.len();
+        }
+    }
+    for &(addr, len) in &ranges[at..] {
+        // SAFETY: the caller's contract, range by range (an advice given twice is harmless).
+        unsafe { madvise(addr, len, advice) }?;
+    }
+    Ok(())
 }
 
 /// `madvise(2)`: gives `advice` for `[addr, addr + len)` (`addr` page aligned).
