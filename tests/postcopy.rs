@@ -181,8 +181,9 @@ fn switched_stream(src: &Mem) -> Vec<u8> {
     let mut precopy = Precopy::new(sender, src, PrecopyConfig::default(), || Ok::<(), io::Error>(()));
     precopy.run().unwrap();
     dirty(src, 50, 1);
-    // The requests side is a socket that never says anything.
-    let (quiet, _keep) = UnixStream::pair().unwrap();
+    // The requests side is a socket whose peer is gone: no requests, all pages in order.
+    let (quiet, peer) = UnixStream::pair().unwrap();
+    drop(peer);
     precopy.postcopy(b"regs", quiet).unwrap();
     drop(a);
     reader.join().unwrap()
@@ -353,4 +354,223 @@ fn hostile_postcopy_pages_and_a_source_that_disappears() {
     let (requests, _peer) = UnixStream::pair().unwrap();
     let e = start.start(receiver, &other, requests).unwrap_err();
     assert!(matches!(e, MigrationError::Postcopy(w) if w.contains("not the one")), "{e}");
+}
+
+#[test]
+fn discard_rounds_and_acknowledgements_move_work_out_of_the_pause() {
+    if !uffd_ok("discard_rounds_and_acknowledgements_move_work_out_of_the_pause") {
+        return;
+    }
+    let src = mem();
+    fill(&src, 31);
+    let dst = mem();
+    let (a, b) = UnixStream::pair().unwrap();
+    std::thread::scope(|s| {
+        let destination = s.spawn(|| {
+            let mut receiver = Receiver::new_vectored(b.try_clone().unwrap());
+            receiver.set_return_path(b.try_clone().unwrap());
+            let Received::Postcopy(start) = receiver.receive_or_postcopy(&dst).unwrap() else {
+                panic!("the source did not switch to post-copy")
+            };
+            let stale = start.stale_pages();
+            let summary = start.start(receiver, &dst, b).unwrap().wait().unwrap();
+            (stale, summary)
+        });
+        let mut back = a.try_clone().unwrap();
+        let sender = Sender::new_vectored(a.try_clone().unwrap()).unwrap();
+        let mut precopy = Precopy::new(sender, &src, PrecopyConfig::default(), || Ok::<(), io::Error>(()));
+        precopy.run().unwrap();
+        assert!(precopy.wait_for_destination(&mut back, std::time::Duration::from_secs(20)).unwrap());
+        // Nothing dirty: a discard round sends nothing.
+        assert_eq!(precopy.discard_round().unwrap(), 0);
+        dirty(&src, 400, 7);
+        let first = precopy.discard_round().unwrap();
+        assert!(first > 300, "{first} pages discarded");
+        assert!(precopy.wait_for_destination(&mut back, std::time::Duration::from_secs(20)).unwrap());
+        // A page dirtied after its discard is stale twice: it travels once.
+        dirty(&src, 400, 7);
+        dirty(&src, 100, 8);
+        let second = precopy.discard_round().unwrap();
+        assert!(precopy.wait_for_destination(&mut back, std::time::Duration::from_secs(20)).unwrap());
+        dirty(&src, 50, 9);
+        // No data round and no plain end after a discard round.
+        let e = precopy.run().unwrap_err();
+        assert!(matches!(e, MigrationError::Postcopy(_)), "{e}");
+        let (report, _) = precopy.postcopy(b"regs", back).unwrap();
+        let (stale, summary) = destination.join().unwrap();
+        assert_eq!(report.stale_pages, stale);
+        assert_eq!(summary.stale_pages, stale);
+        assert!(stale >= first && stale <= first + second + 50, "{stale} of {first} + {second} + 50");
+    });
+    assert_same(&src, &dst);
+}
+
+#[test]
+fn hostile_discard_frames() {
+    let runs = |list: &[(u64, u32)]| {
+        let mut f = frame(7, list.len() as u64, list.iter().map(|r| u64::from(r.1)).sum(), 0);
+        for &(addr, pages) in list {
+            f.extend_from_slice(&run(addr, pages, 0));
+        }
+        f
+    };
+    let with = |frames: &[Vec<u8>]| {
+        let mut s = header();
+        for f in frames {
+            s.extend_from_slice(f);
+        }
+        s
+    };
+    // After a discard frame: no pages, no end of round, no checksums, no done; discard frames
+    // and the post-copy start (which may then list nothing) are fine.
+    for next in [frame(1, 1, 0, 0), frame(2, 0, 0, 0), frame(3, 2, 0, 0), frame(4, 0, 0, 0)] {
+        let e = receive_err(&with(&[runs(&[(0x1000, 1)]), next]));
+        assert!(
+            matches!(e, MigrationError::UnexpectedFrame { expected: "discard or post-copy start", .. }),
+            "{e}"
+        );
+    }
+    let dst = mem();
+    dst.write_obj(0xabcd_u64, GuestAddress(0x2000)).unwrap();
+    let mut switch = with(&[runs(&[(0x1000, 2)]), runs(&[(0x2000, 1), (0x9000, 1)]), frame(6, 0, 0, 0)]);
+    switch.extend_from_slice(&device_state(b"regs"));
+    let Received::Postcopy(p) = Receiver::new(&switch[..]).receive_or_postcopy(&dst).unwrap() else {
+        panic!("not post-copy")
+    };
+    // 0x1000, 0x2000 (twice) and 0x9000: three pages, and the discard dropped the data.
+    assert_eq!(p.stale_pages(), 3);
+    assert_eq!(dst.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 0);
+    // An empty post-copy start without discard frames before it.
+    let mut empty = with(&[frame(6, 0, 0, 0)]);
+    empty.extend_from_slice(&device_state(b"regs"));
+    let e = receive_err(&empty);
+    assert!(e.to_string().contains("without stale pages"), "{e}");
+    // A discard frame inside a round, or for memory that cannot lose pages (a memfd).
+    let mut inside = header();
+    inside.extend_from_slice(&frame(1, 1, 0, 0));
+    inside.extend_from_slice(&run(0, 1, 1));
+    inside.extend_from_slice(&runs(&[(0x1000, 1)]));
+    let e = receive_err(&inside);
+    assert!(matches!(e, MigrationError::UnexpectedFrame { found: "discard", .. }), "{e}");
+    let shared = guestmem::GuestMemoryMmap::<()>::from_regions(vec![guestmem::GuestRegionMmap::build(
+        guestmem::mmap::MmapRegionBuilder::<()>::new(MIB)
+            .backing(guestmem::mmap::Backing::Memfd(guestmem::mmap::MemfdOptions::new("ram"))),
+        GuestAddress(0),
+    )
+    .unwrap()])
+    .unwrap();
+    shared.write_obj(5u8, GuestAddress(0x1000)).unwrap();
+    let e = Receiver::new(&with(&[runs(&[(0x1000, 1)])])[..]).receive_or_postcopy(&shared).unwrap_err();
+    assert!(matches!(e, MigrationError::Postcopy(w) if w.contains("private anonymous")), "{e}");
+    assert_eq!(shared.read_obj::<u8>(GuestAddress(0x1000)).unwrap(), 5, "memfd page dropped");
+}
+
+#[cfg(feature = "kvm")]
+#[test]
+fn a_kvm_guest_resumed_by_postcopy_goes_on_exactly() {
+    use common::kvm_guest::{
+        self, run_until_exits, GuestError, LoopingWriter, TestVm, VcpuState, COUNT_OFFSET, SEQ_OFFSET,
+    };
+    use guestmem::kvm::KvmSlots;
+
+    let test = "a_kvm_guest_resumed_by_postcopy_goes_on_exactly";
+    if common::need("kvm", test, kvm_guest::kvm_available()).is_none() || !uffd_ok(test) {
+        return;
+    }
+    const CODE_GPA: u64 = 0x1000;
+    let src = mem();
+    let dst = mem();
+    let mut vm = TestVm::new().unwrap();
+    let mut slots = KvmSlots::new(vm.vm_fd(), true).unwrap();
+    slots.register(&src).unwrap();
+    let cpu = vm.add_vcpu().unwrap();
+    let writer = LoopingWriter { writes_per_exit: 32, ..LoopingWriter::new(0x40_0000, 1024) };
+    kvm_guest::start_looping_writer(vm.vcpu(cpu).unwrap(), CODE_GPA, &writer, &mut |gpa, code| {
+        src.write_slice(code, GuestAddress(gpa)).map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
+    })
+    .unwrap();
+    // The destination VM, its memory registered up front (KVM faults through the userfaultfd).
+    let mut dst_vm = TestVm::new().unwrap();
+    let mut dst_slots = KvmSlots::new(dst_vm.vm_fd(), false).unwrap();
+    dst_slots.register(&dst).unwrap();
+    let dst_cpu = dst_vm.add_vcpu().unwrap();
+
+    let (a, b) = UnixStream::pair().unwrap();
+    let stop = AtomicBool::new(false);
+    let progress = AtomicU64::new(0);
+    // Round 0 only, then post-copy.
+    let config = PrecopyConfig { max_rounds: 0, ..PrecopyConfig::default() };
+    let vcpu = vm.vcpu(cpu).unwrap();
+    let (paused_writes, total) = std::thread::scope(|s| {
+        let dst_vcpu = dst_vm.vcpu(dst_cpu).unwrap();
+        let destination = s.spawn(|| {
+            let mut receiver = Receiver::new_vectored(b.try_clone().unwrap());
+            let Received::Postcopy(start) = receiver.receive_or_postcopy(&dst).unwrap() else {
+                panic!("the source did not switch to post-copy")
+            };
+            let state = VcpuState::from_bytes(start.device_state()).unwrap();
+            let running = start.start(receiver, &dst, b).unwrap();
+            // The guest runs at once, on memory whose dirtied pages are still at the source.
+            state.restore(dst_vcpu).unwrap();
+            let counts = run_until_exits(dst_vcpu, writer.port, 20).unwrap();
+            let summary = running.wait().unwrap();
+            assert!(summary.stale_pages > 0);
+            u64::from(*counts.last().unwrap())
+        });
+        let guest = s.spawn(|| {
+            let mut last = 0;
+            while !stop.load(Ordering::Relaxed) {
+                last = run_until_exits(vcpu, writer.port, 1).unwrap()[0];
+                progress.store(u64::from(last), Ordering::Relaxed);
+            }
+            (last, vcpu)
+        });
+        while progress.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let sync = || slots.sync_dirty_log().map(drop);
+        let mut precopy =
+            Precopy::new(Sender::new_vectored(a.try_clone().unwrap()).unwrap(), &src, config, sync);
+        precopy.run().unwrap();
+        let seen = progress.load(Ordering::Relaxed);
+        while progress.load(Ordering::Relaxed) < seen + 4 * u64::from(writer.writes_per_exit) {
+            std::thread::yield_now();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (writes, vcpu) = guest.join().unwrap();
+        let state = VcpuState::save(vcpu).unwrap().to_bytes();
+        let (report, _) = precopy.postcopy(&state, a).unwrap();
+        assert!(report.stale_pages > 0, "the guest's writes after round 0 are stale");
+        (u64::from(writes), destination.join().unwrap())
+    });
+    assert_eq!(total, paused_writes + 20 * u64::from(writer.writes_per_exit), "the guest did not go on");
+    // Exactly what an unmigrated guest makes of the memory in `total` writes: each written
+    // page's stamp and count, every other byte as the source has it (frozen at the pause).
+    let expected = writer.expected(total);
+    let before = writer.expected(paused_writes);
+    let read = |m: &Mem, at: u64| m.read_obj::<u32>(GuestAddress(at)).unwrap();
+    for &(p, seq, n) in &expected {
+        assert_eq!(read(&dst, p + SEQ_OFFSET), seq, "page {p:#x}");
+        assert_eq!(read(&dst, p + COUNT_OFFSET), n, "page {p:#x}");
+    }
+    for &(p, seq, n) in &before {
+        assert_eq!(
+            (read(&src, p + SEQ_OFFSET), read(&src, p + COUNT_OFFSET)),
+            (seq, n),
+            "source page {p:#x}"
+        );
+    }
+    let written: std::collections::BTreeSet<u64> = expected.iter().map(|e| e.0).collect();
+    let (sc, dc) = (common::contents(&src), common::contents(&dst));
+    for (r, region) in src.iter().enumerate() {
+        for off in (0..region.len() as usize).step_by(PAGE as usize) {
+            let p = region.start_addr().0 + off as u64;
+            let from = if written.contains(&p) { 8 } else { 0 };
+            assert!(
+                sc[r][off + from..off + PAGE as usize] == dc[r][off + from..off + PAGE as usize],
+                "page {p:#x}"
+            );
+        }
+    }
+    drop(dst_slots);
 }

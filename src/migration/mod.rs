@@ -66,7 +66,8 @@
 //! | 3 | checksums | regions | 1 if memory digests are given, else 0 | 0 | per region: start, length, stream digest, memory digest (4 × `u64`) |
 //! | 4 | done | 0 | 0 | 0 | nothing (end of stream) |
 //! | 5 | device state | bytes (1 to [`MAX_DEVICE_STATE`]) | [`Checksum`](crate::checksum::Checksum) of the bytes | 0 | the bytes |
-//! | 6 | post-copy start | runs (1 to [`postcopy::MAX_POSTCOPY_RUNS`]) | pages in all | 0 | the stale runs (16 bytes each, kind data): see [`postcopy`] |
+//! | 6 | post-copy start | runs (0 to [`postcopy::MAX_POSTCOPY_RUNS`]; 0 only after discard frames) | pages in all | 0 | the stale runs (16 bytes each, kind data): see [`postcopy`] |
+//! | 7 | discard | runs (1 to [`postcopy::MAX_POSTCOPY_RUNS`]) | pages in all | 0 | runs of pages the destination drops now and gets by post-copy: see [`postcopy`] |
 //!
 //! A run is a guest address (`u64`, a multiple of 4096), a page count (`u32`, at least 1) and
 //! a kind (`u32`: 0 = data, its pages follow in the frame's data; 1 = zero, nothing follows).
@@ -193,6 +194,7 @@ const FRAME_CHECKSUMS: u32 = 3;
 const FRAME_DONE: u32 = 4;
 const FRAME_DEVICE_STATE: u32 = 5;
 const FRAME_POSTCOPY: u32 = 6;
+const FRAME_DISCARD: u32 = 7;
 
 /// The largest device state ([`Sender::send_device_state`]) a stream carries; the receiver
 /// refuses more.
@@ -214,6 +216,7 @@ fn frame_name(kind: u32) -> &'static str {
         FRAME_DONE => "done",
         FRAME_DEVICE_STATE => "device state",
         FRAME_POSTCOPY => "post-copy start",
+        FRAME_DISCARD => "discard",
         _ => "unknown",
     }
 }

@@ -142,8 +142,10 @@ pub struct PostcopyReport {
     pub stream_bytes: u64,
 }
 
-/// Pages the post-copy sender sends at once between two looks at the requests.
-const POSTCOPY_BATCH: u64 = 32;
+/// Pages the post-copy sender sends at once between two looks at the requests: 1 MiB, a
+/// millisecond or less on the wire, so a request waits little behind it, and few calls (each
+/// looks up the memory's mappings).
+const POSTCOPY_BATCH: u64 = 256;
 
 /// When the pre-copy rounds stop.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -257,6 +259,15 @@ pub struct Precopy<'m, S, B, F> {
     rate: DirtyRate,
     rounds: Vec<RoundStats>,
     stop: Option<StopReason>,
+    /// The runs of the discard rounds so far (see [`discard_round`](Self::discard_round)).
+    discarded: Vec<(u64, u64)>,
+    /// Discard frames sent.
+    discards: u64,
+    /// Bytes of the return path read but not yet a whole message.
+    return_buf: Vec<u8>,
+    /// The last round and the number of discard frames the destination acknowledged.
+    acked_round: Option<u64>,
+    acked_discards: u64,
     sent_bytes: u64,
     send_time: Duration,
 }
@@ -295,6 +306,11 @@ where
             sync,
             rounds: Vec::new(),
             stop: None,
+            discarded: Vec::new(),
+            discards: 0,
+            return_buf: Vec::new(),
+            acked_round: None,
+            acked_discards: 0,
             sent_bytes: 0,
             send_time: Duration::ZERO,
         }
@@ -327,6 +343,11 @@ where
 
     /// Sends one round: `all` memory (round 0) or the dirty pages; records its stats.
     fn round(&mut self, all: bool) -> Result<RoundStats> {
+        if self.discards > 0 {
+            return Err(MigrationError::Postcopy(
+                "no data round after a discard round (post-copy must follow)",
+            ));
+        }
         self.sync()?;
         let start = Instant::now();
         if all {
@@ -356,6 +377,11 @@ where
     /// Round 0, then dirty rounds until the convergence rule holds (see
     /// [`PrecopyConfig`]). The source keeps running meanwhile. Returns why it stopped.
     pub fn run(&mut self) -> Result<StopReason> {
+        if self.discards > 0 {
+            return Err(MigrationError::Postcopy(
+                "no data round after a discard round (post-copy must follow)",
+            ));
+        }
         if self.rounds.is_empty() {
             let stats = self.round(true)?;
             self.rounds.push(stats);
@@ -407,6 +433,9 @@ where
     }
 
     fn complete_inner(mut self, state: Option<&[u8]>) -> Result<(MigrationReport, S::Streams)> {
+        if self.discards > 0 {
+            return Err(MigrationError::Postcopy("after a discard round the migration ends by post-copy"));
+        }
         let stop = match self.stop {
             Some(stop) => stop,
             None => self.run()?,
@@ -477,8 +506,8 @@ where
         self.sync()?;
         let mut ranges: Vec<(GuestAddress, u64)> = Vec::new();
         self.mem.take_dirty_ranges(|addr, len| ranges.push((addr, len)))?;
-        let runs = stale_runs(self.mem, &ranges);
-        if runs.is_empty() {
+        let last = stale_runs(self.mem, &ranges);
+        if last.is_empty() && self.discards == 0 {
             let rounds = self.rounds.clone();
             let (report, stream) = self.complete_inner(Some(state))?;
             let report = PostcopyReport {
@@ -493,13 +522,17 @@ where
             };
             return Ok((report, stream));
         }
-        let switched =
-            self.sender.send_postcopy_start(&runs).and_then(|()| self.sender.send_device_state(state));
+        let switched = self
+            .sender
+            .send_postcopy_start(&last, self.discards > 0)
+            .and_then(|()| self.sender.send_device_state(state));
         if let Err(e) = switched {
             // Nothing is lost at the source: the pages are dirty again for whatever comes next.
             let _ = self.mem.restore_dirty_ranges(&ranges);
             return Err(e);
         }
+        // Every stale page: those of the discard rounds and of the last harvest.
+        let runs = union_runs(self.mem, &self.discarded, &last);
         let switch = paused.elapsed();
         let started = Instant::now();
         // Page `i` of the stale set is page `i - starts[r]` of run `r`.
@@ -514,8 +547,11 @@ where
         let (mut done, mut requested, mut ignored) = (0u64, 0u64, 0u64);
         let mut cursor = 0u64;
         let mut buf = [0u8; 64 * super::postcopy::REQUEST_LEN];
-        let mut have = 0usize;
+        let mut have = self.return_buf.len().min(buf.len());
+        buf[..have].copy_from_slice(&self.return_buf[..have]);
+        self.return_buf.clear();
         let mut listening = true;
+        let mut wanted: Vec<(GuestAddress, u64)> = Vec::new();
         while done < total {
             // Requests first: whatever has arrived, without waiting.
             while listening
@@ -534,8 +570,12 @@ where
                 have += n;
                 let whole = have / super::postcopy::REQUEST_LEN * super::postcopy::REQUEST_LEN;
                 for req in buf[..whole].chunks_exact(super::postcopy::REQUEST_LEN) {
-                    let gpa =
-                        u64::from_le_bytes(req.try_into().expect("8 bytes")) & !(super::STREAM_PAGE_SIZE - 1);
+                    let value = u64::from_le_bytes(req.try_into().expect("8 bytes"));
+                    if value & (super::STREAM_PAGE_SIZE - 1) != 0 {
+                        // An acknowledgement (the destination's receiver), not a request.
+                        continue;
+                    }
+                    let gpa = value;
                     let r = runs.partition_point(|&(a, _)| a <= gpa);
                     let index = r.checked_sub(1).and_then(|r| {
                         let (a, pages) = runs[r];
@@ -544,8 +584,7 @@ where
                     });
                     match index {
                         Some(i) if !is_sent(&sent, i) => {
-                            self.sender
-                                .send_ranges(self.mem, &[(GuestAddress(gpa), super::STREAM_PAGE_SIZE)])?;
+                            wanted.push((GuestAddress(gpa), super::STREAM_PAGE_SIZE));
                             sent[(i / 64) as usize] |= 1 << (i % 64);
                             (done, requested) = (done + 1, requested + 1);
                         }
@@ -555,27 +594,39 @@ where
                 buf.copy_within(whole..have, 0);
                 have -= whole;
             }
-            // Then a few pages in address order.
-            while cursor < total && is_sent(&sent, cursor) {
-                cursor += 1;
+            if !wanted.is_empty() {
+                // Every request that arrived, in one call (each call looks up the memory's
+                // mappings once).
+                self.sender.send_ranges(self.mem, &wanted)?;
+                wanted.clear();
             }
-            if cursor == total {
-                continue;
-            }
-            let r = starts.partition_point(|&s| s <= cursor) - 1;
-            let (addr, pages) = runs[r];
-            let first = cursor - starts[r];
+            // Then up to a batch of pages in address order, across runs, in one call.
+            let mut batch: Vec<(GuestAddress, u64)> = Vec::new();
             let mut n = 0;
-            while n < POSTCOPY_BATCH && first + n < pages && !is_sent(&sent, cursor + n) {
-                n += 1;
+            while n < POSTCOPY_BATCH && cursor < total {
+                if is_sent(&sent, cursor) {
+                    cursor += 1;
+                    continue;
+                }
+                let r = starts.partition_point(|&s| s <= cursor) - 1;
+                let (addr, pages) = runs[r];
+                let first = cursor - starts[r];
+                let mut k = 0;
+                while n + k < POSTCOPY_BATCH && first + k < pages && !is_sent(&sent, cursor + k) {
+                    sent[((cursor + k) / 64) as usize] |= 1 << ((cursor + k) % 64);
+                    k += 1;
+                }
+                batch.push((
+                    GuestAddress(addr + first * super::STREAM_PAGE_SIZE),
+                    k * super::STREAM_PAGE_SIZE,
+                ));
+                n += k;
+                cursor += k;
             }
-            let at = GuestAddress(addr + first * super::STREAM_PAGE_SIZE);
-            self.sender.send_ranges(self.mem, &[(at, n * super::STREAM_PAGE_SIZE)])?;
-            for i in cursor..cursor + n {
-                sent[(i / 64) as usize] |= 1 << (i % 64);
+            if !batch.is_empty() {
+                self.sender.send_ranges(self.mem, &batch)?;
+                done += n;
             }
-            done += n;
-            cursor += n;
         }
         self.sender.end_round()?;
         let stream_bytes = self.sender.stream_bytes();
@@ -607,6 +658,104 @@ where
         };
         Ok((report, stream))
     }
+}
+
+impl<'m, W, B, F, E> Precopy<'m, Sender<W>, B, F>
+where
+    W: Write,
+    B: Bitmap + DirtyHarvest + Send + Sync,
+    F: FnMut() -> std::result::Result<(), E>,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// A discard round, before post-copy and while the guest still runs: harvests the dirty
+    /// pages (after a sync) and tells the destination to drop its copy of them now (a discard
+    /// frame); they will come by post-copy. Each one moves work out of the pause: at
+    /// [`postcopy`](Self::postcopy) the destination has only the pages dirtied since the last
+    /// discard round left to drop. Runs the pre-copy rounds first if [`run`](Self::run) was not
+    /// called. After the first discard round the migration can only end by post-copy (no
+    /// data round, no [`complete`](Self::complete)). Returns the pages discarded (0: nothing
+    /// dirty, nothing sent). The destination's memory must be private anonymous memory.
+    pub fn discard_round(&mut self) -> Result<u64> {
+        if self.stop.is_none() {
+            self.run()?;
+        }
+        self.sync()?;
+        let mut ranges: Vec<(GuestAddress, u64)> = Vec::new();
+        self.mem.take_dirty_ranges(|addr, len| ranges.push((addr, len)))?;
+        let runs = stale_runs(self.mem, &ranges);
+        if runs.is_empty() {
+            return Ok(0);
+        }
+        if let Err(e) = self.sender.send_discard(&runs) {
+            let _ = self.mem.restore_dirty_ranges(&ranges);
+            return Err(e);
+        }
+        self.discards += 1;
+        self.discarded = union_runs(self.mem, &self.discarded, &runs);
+        Ok(runs.iter().map(|r| r.1).sum())
+    }
+
+    /// Waits until the destination acknowledged every round and discard frame sent so far on
+    /// `return_path` (see [`Receiver::set_return_path`](super::Receiver::set_return_path)), or
+    /// `timeout` passed; returns whether it caught up. Call it before pausing the source, so
+    /// that the destination's backlog does not count in the downtime. A request for a page
+    /// (which only comes after the switch) is not expected here and is an error.
+    pub fn wait_for_destination<R: Read + AsFd>(
+        &mut self,
+        return_path: &mut R,
+        timeout: Duration,
+    ) -> Result<bool> {
+        let want_round = self.rounds.last().map(|r| r.round);
+        let deadline = Instant::now() + timeout;
+        let mut buf = [0u8; 512];
+        while self.acked_round < want_round || self.acked_discards < self.discards {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Ok(false);
+            }
+            let ms = left.as_millis().clamp(1, i32::MAX as u128) as i32;
+            if !poll_readable(&[return_path.as_fd()], ms).map_err(io_read("polling the return path"))?[0] {
+                continue;
+            }
+            let n = match return_path.read(&mut buf) {
+                Ok(0) => {
+                    return Err(MigrationError::Io {
+                        op: "reading the return path",
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    })
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(MigrationError::Io { op: "reading the return path", source: e }),
+            };
+            self.return_buf.extend_from_slice(&buf[..n]);
+            let whole = self.return_buf.len() / 8 * 8;
+            for m in self.return_buf[..whole].chunks_exact(8) {
+                let value = u64::from_le_bytes(m.try_into().expect("8 bytes"));
+                match value & 0xfff {
+                    1 => self.acked_round = self.acked_round.max(Some(value >> 12)),
+                    2 => self.acked_discards = self.acked_discards.max(value >> 12),
+                    _ => {
+                        return Err(MigrationError::Postcopy(
+                            "a message on the return path that is not an acknowledgement",
+                        ))
+                    }
+                }
+            }
+            self.return_buf.drain(..whole);
+        }
+        Ok(true)
+    }
+}
+
+/// The union of two lists of stream page runs, as ascending runs each in one region.
+fn union_runs<B: Bitmap>(mem: &GuestMemoryMmap<B>, a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let ranges: Vec<(GuestAddress, u64)> = a
+        .iter()
+        .chain(b)
+        .map(|&(addr, pages)| (GuestAddress(addr), pages * super::STREAM_PAGE_SIZE))
+        .collect();
+    stale_runs(mem, &ranges)
 }
 
 /// The dirty ranges of a harvest as stream page runs (guest address, pages), ascending, each in

@@ -13,9 +13,9 @@ use super::send::{check_regions, memory_digest};
 use super::tables::{RegionTable, Tables};
 use super::{
     frame_name, MigrationError, Result, StreamId, CHECKSUMS_MEMORY, CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS,
-    FRAME_DEVICE_STATE, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES, FRAME_POSTCOPY, MAGIC,
-    MAX_DEVICE_STATE, MAX_FRAME_DATA, MAX_RUNS, MAX_STREAMS, RUN_DATA, RUN_LEN, RUN_ZERO, STREAM_HEADER_LEN,
-    VERSION,
+    FRAME_DEVICE_STATE, FRAME_DISCARD, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_HEADER_LEN, FRAME_PAGES,
+    FRAME_POSTCOPY, MAGIC, MAX_DEVICE_STATE, MAX_FRAME_DATA, MAX_RUNS, MAX_STREAMS, RUN_DATA, RUN_LEN,
+    RUN_ZERO, STREAM_HEADER_LEN, VERSION,
 };
 use crate::address::GuestAddress;
 use crate::bitmap::BitmapSlice;
@@ -73,6 +73,8 @@ impl ReceiveSummary {
 pub(super) struct Destination {
     tables: Vec<Arc<RegionTable>>,
     trusted: Vec<bool>,
+    /// Which regions are private anonymous memory (whose pages a discard frame may drop).
+    private: Vec<bool>,
     pagemap: Option<Pagemap>,
 }
 
@@ -80,11 +82,10 @@ impl Destination {
     pub(super) fn new<M: GuestMemory + ?Sized>(mem: &M) -> Result<Self> {
         check_regions(mem)?;
         let pagemap = Pagemap::open();
-        let trusted = mem
-            .iter()
-            .map(|r| pagemap.is_some() && residency::private_anonymous(r.host_ptr(), r.len() as usize))
-            .collect();
-        Ok(Destination { tables: Tables::default().for_memory(mem), trusted, pagemap })
+        let private: Vec<bool> =
+            mem.iter().map(|r| residency::private_anonymous(r.host_ptr(), r.len() as usize)).collect();
+        let trusted = private.iter().map(|&p| p && pagemap.is_some()).collect();
+        Ok(Destination { tables: Tables::default().for_memory(mem), trusted, private, pagemap })
     }
 
     /// Whether `mem` has the regions (places and lengths) this destination was made for.
@@ -158,6 +159,21 @@ pub struct Receiver<R> {
     device_state: Option<Vec<u8>>,
     /// The stale runs of a post-copy start frame, once it arrived.
     postcopy: Option<Vec<StaleRun>>,
+    /// The runs of the discard frames so far (dropped, to come in post-copy).
+    discarded: Vec<StaleRun>,
+    /// Discard frames applied.
+    discards: u64,
+    /// Where acknowledgements go ([`set_return_path`](Self::set_return_path)).
+    return_path: Option<ReturnPath>,
+}
+
+/// The receiver's return path: any writer.
+struct ReturnPath(Box<dyn io::Write + Send>);
+
+impl std::fmt::Debug for ReturnPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ReturnPath")
+    }
 }
 
 /// A frame header read ahead: where it starts, and how much of it arrived.
@@ -208,6 +224,9 @@ impl<R: Read> Receiver<R> {
             socket: None,
             device_state: None,
             postcopy: None,
+            discarded: Vec::new(),
+            discards: 0,
+            return_path: None,
         }
     }
 
@@ -221,6 +240,27 @@ impl<R: Read> Receiver<R> {
     /// memory and device state, was verified. `None` after a failed receive, and once taken.
     pub fn take_device_state(&mut self) -> Option<Vec<u8>> {
         self.device_state.take()
+    }
+
+    /// Acknowledges on `return_path` (the other direction of the connection, say) every end
+    /// of round and every discard frame once applied, so that the source can wait for the
+    /// destination to catch up before it pauses the guest
+    /// ([`Precopy::wait_for_destination`](super::Precopy::wait_for_destination)). An
+    /// acknowledgement is 8 bytes, little-endian: `round << 12 | 1` after end of round `round`,
+    /// `n << 12 | 2` after the `n`th discard frame (see [`postcopy`](super::postcopy)). A
+    /// return path that fails to take one is an error of the receive.
+    pub fn set_return_path(&mut self, return_path: impl io::Write + Send + 'static) {
+        self.return_path = Some(ReturnPath(Box::new(return_path)));
+    }
+
+    fn acknowledge(&mut self, value: u64) -> Result<()> {
+        match self.return_path.as_mut() {
+            Some(ReturnPath(w)) => w
+                .write_all(&value.to_le_bytes())
+                .and_then(|()| w.flush())
+                .map_err(|source| MigrationError::Io { op: "acknowledging on the return path", source }),
+            None => Ok(()),
+        }
     }
 
     /// Bytes of the stream consumed so far.
@@ -257,7 +297,8 @@ impl<R: Read> Receiver<R> {
             None => Received::Complete(summary),
             Some(stale) => {
                 let state = self.device_state.take().unwrap_or_default();
-                Received::Postcopy(PostcopyStart { dest, stale, state, summary })
+                let discarded = std::mem::take(&mut self.discarded);
+                Received::Postcopy(PostcopyStart { dest, stale, discarded, state, summary })
             }
         })
     }
@@ -308,6 +349,8 @@ impl<R: Read> Receiver<R> {
         self.pending.clear();
         self.device_state = None;
         self.postcopy = None;
+        self.discarded.clear();
+        self.discards = 0;
         let mut summary = ReceiveSummary::default();
         // The device state, once its frame arrived: handed out only when the stream is done.
         let mut state: Option<Vec<u8>> = None;
@@ -338,6 +381,7 @@ impl<R: Read> Receiver<R> {
                     | FRAME_DONE
                     | FRAME_DEVICE_STATE
                     | FRAME_POSTCOPY
+                    | FRAME_DISCARD
             ) {
                 return Err(MigrationError::UnknownFrame { kind, offset: at });
             }
@@ -345,22 +389,20 @@ impl<R: Read> Receiver<R> {
                 return Err(MigrationError::InvalidFrame { what: "frame flags", offset: at });
             }
             // After the device state, only the checksums; the state itself between rounds; after
-            // a post-copy start, only the device state.
+            // a post-copy start, only the device state; after a discard frame, only discard
+            // frames and the post-copy start (the dropped pages must come by post-copy).
             let postcopy = self.postcopy.is_some();
+            let discarding = !self.discarded.is_empty();
             let between_rounds = round_data == 0 && round_zero == 0;
+            let switchable = !verified && index == 0 && rendezvous.is_none() && state.is_none() && !postcopy;
             let allowed = match kind {
-                FRAME_DONE => !postcopy && (verified || index != 0 && state.is_none()),
-                FRAME_CHECKSUMS => !postcopy && !verified && index == 0,
-                FRAME_DEVICE_STATE => !verified && index == 0 && state.is_none() && between_rounds,
-                FRAME_POSTCOPY => {
-                    !verified
-                        && index == 0
-                        && rendezvous.is_none()
-                        && state.is_none()
-                        && !postcopy
-                        && between_rounds
+                FRAME_DONE => !postcopy && !discarding && (verified || index != 0 && state.is_none()),
+                FRAME_CHECKSUMS => !postcopy && !discarding && !verified && index == 0,
+                FRAME_DEVICE_STATE => {
+                    !verified && index == 0 && state.is_none() && between_rounds && (postcopy || !discarding)
                 }
-                _ => !verified && state.is_none() && !postcopy,
+                FRAME_POSTCOPY | FRAME_DISCARD => switchable && between_rounds,
+                _ => !verified && state.is_none() && !postcopy && !discarding,
             };
             if !allowed {
                 return Err(MigrationError::UnexpectedFrame {
@@ -370,6 +412,8 @@ impl<R: Read> Receiver<R> {
                         expected_after
                     } else if postcopy {
                         "device state"
+                    } else if discarding {
+                        "discard or post-copy start"
                     } else if state.is_some() {
                         "checksums"
                     } else {
@@ -411,6 +455,7 @@ impl<R: Read> Receiver<R> {
                     }
                     summary.rounds += 1;
                     (round_data, round_zero) = (0, 0);
+                    self.acknowledge(a << 12 | 1)?;
                 }
                 FRAME_DEVICE_STATE => {
                     state = Some(self.read_device_state(at, a, b, c)?);
@@ -423,7 +468,27 @@ impl<R: Read> Receiver<R> {
                     }
                 }
                 FRAME_POSTCOPY => {
-                    self.postcopy = Some(self.read_stale_runs(mem, at, a, b, c)?);
+                    self.postcopy = Some(self.read_stale_runs(mem, at, a, b, c, discarding)?);
+                }
+                FRAME_DISCARD => {
+                    let runs = self.read_stale_runs(mem, at, a, b, c, false)?;
+                    if (self.discarded.len() + runs.len()) as u64 > MAX_POSTCOPY_RUNS {
+                        return Err(MigrationError::FrameTooLarge {
+                            offset: at,
+                            what: "post-copy runs (all discard frames)",
+                            len: (self.discarded.len() + runs.len()) as u64,
+                            max: MAX_POSTCOPY_RUNS,
+                        });
+                    }
+                    // Every page in memory is hashed before any is dropped.
+                    self.drain(mem, dest)?;
+                    self.discard(mem, dest, &runs, at)?;
+                    if let Some(a) = absent.as_mut() {
+                        a.forget();
+                    }
+                    self.discarded.extend_from_slice(&runs);
+                    self.discards += 1;
+                    self.acknowledge(self.discards << 12 | 2)?;
                 }
                 FRAME_CHECKSUMS => {
                     if c != 0 {
@@ -688,13 +753,14 @@ impl<R: Read> Receiver<R> {
         count: u64,
         pages: u64,
         reserved: u64,
+        may_be_empty: bool,
     ) -> Result<Vec<StaleRun>> {
         let invalid = |what| MigrationError::InvalidFrame { what, offset: at };
         if reserved != 0 {
-            return Err(invalid("post-copy start frame argument"));
+            return Err(invalid("post-copy frame argument"));
         }
-        if count == 0 {
-            return Err(invalid("post-copy start without stale pages"));
+        if count == 0 && !may_be_empty {
+            return Err(invalid("post-copy frame without stale pages"));
         }
         if count > MAX_POSTCOPY_RUNS {
             return Err(MigrationError::FrameTooLarge {
@@ -769,6 +835,38 @@ impl<R: Read> Receiver<R> {
             return Err(invalid("post-copy page count disagrees with the runs"));
         }
         Ok(stale)
+    }
+
+    /// Drops the destination's copy of the pages of `runs` (a discard frame's): they read as
+    /// zero, and come again by post-copy. Only private anonymous memory can lose pages this
+    /// way (its missing pages can be served by a userfaultfd later).
+    fn discard<M: GuestMemory + ?Sized>(
+        &mut self,
+        mem: &M,
+        dest: &Destination,
+        runs: &[StaleRun],
+        at: u64,
+    ) -> Result<()> {
+        let mut ranges = Vec::with_capacity(runs.len());
+        for &(addr, pages) in runs {
+            let len = pages * PAGE as u64;
+            if !dest.private[dest.region_of(addr / PAGE as u64)] {
+                return Err(MigrationError::Postcopy(
+                    "a discard frame for memory that is not private anonymous",
+                ));
+            }
+            let s = slice(mem, GuestAddress(addr), len as usize)?;
+            ranges.push((s.as_ptr(), len as usize));
+        }
+        // SAFETY: each range is a writable slice of private anonymous guest memory (checked),
+        // which the receiver is filling; guest memory is accessed only through volatile
+        // accesses and raw copies, never references, so its pages turning to zeros is the same
+        // as a concurrent write. `mem` keeps the slices mapped for the call.
+        unsafe { sys::mman::madvise_ranges(&ranges, sys::Advice::DontNeed) }.map_err(|source| {
+            MigrationError::Io { op: "dropping discarded pages (MADV_DONTNEED)", source }
+        })?;
+        let _ = at;
+        Ok(())
     }
 
     /// Reads `len` bytes of page data into the data runs (and, on an fd, the next frame's

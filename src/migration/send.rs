@@ -11,8 +11,8 @@ use super::residency::{self, AbsentPages, Pagemap};
 use super::tables::{Digest, RegionTable, Tables};
 use super::{
     frame_header, io_error, stream_header, MigrationError, Result, StreamId, CHECKSUMS_MEMORY,
-    CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS, FRAME_DEVICE_STATE, FRAME_DONE, FRAME_END_OF_ROUND, FRAME_PAGES,
-    FRAME_POSTCOPY, MAX_DEVICE_STATE, MAX_RUNS, RUN_DATA, RUN_LEN, RUN_ZERO,
+    CHECKSUM_ENTRY_LEN, FRAME_CHECKSUMS, FRAME_DEVICE_STATE, FRAME_DISCARD, FRAME_DONE, FRAME_END_OF_ROUND,
+    FRAME_PAGES, FRAME_POSTCOPY, MAX_DEVICE_STATE, MAX_RUNS, RUN_DATA, RUN_LEN, RUN_ZERO,
 };
 use crate::address::GuestAddress;
 use crate::bitmap::{Bitmap, DirtyHarvest};
@@ -354,7 +354,25 @@ impl<W: Write> Sender<W> {
     /// (guest address, pages), ascending, each in one region. Called by
     /// [`Precopy::postcopy`](super::Precopy::postcopy) between rounds; memory digests are
     /// turned off, as the destination guest runs before the end.
-    pub(super) fn send_postcopy_start(&mut self, runs: &[(u64, u64)]) -> Result<()> {
+    pub(super) fn send_postcopy_start(&mut self, runs: &[(u64, u64)], may_be_empty: bool) -> Result<()> {
+        self.send_stale_runs(FRAME_POSTCOPY, runs, may_be_empty, "writing the post-copy start frame")?;
+        self.verify_memory = false;
+        Ok(())
+    }
+
+    /// A discard frame: the destination drops its copy of `runs` now (see
+    /// [`Precopy::discard_round`](super::Precopy::discard_round)).
+    pub(super) fn send_discard(&mut self, runs: &[(u64, u64)]) -> Result<()> {
+        self.send_stale_runs(FRAME_DISCARD, runs, false, "writing a discard frame")
+    }
+
+    fn send_stale_runs(
+        &mut self,
+        kind: u32,
+        runs: &[(u64, u64)],
+        may_be_empty: bool,
+        op: &'static str,
+    ) -> Result<()> {
         if self.id.index != 0 || self.id.count != 1 || self.device_state_sent || self.round_pages != 0 {
             return Err(MigrationError::Postcopy("post-copy starts between rounds of a single stream"));
         }
@@ -373,12 +391,11 @@ impl<W: Write> Sender<W> {
                 (at, count, total) = (at + n, count + 1, total + n);
             }
         }
-        if count == 0 || count > super::postcopy::MAX_POSTCOPY_RUNS {
+        if count == 0 && !may_be_empty || count > super::postcopy::MAX_POSTCOPY_RUNS {
             return Err(MigrationError::Postcopy("post-copy needs 1 to MAX_POSTCOPY_RUNS stale runs"));
         }
-        self.verify_memory = false;
-        self.write_all(&frame_header(FRAME_POSTCOPY, count, total, 0), "writing the post-copy start frame")?;
-        self.write_all(&raw, "writing the post-copy start frame")
+        self.write_all(&frame_header(kind, count, total, 0), op)?;
+        self.write_all(&raw, op)
     }
 
     /// Ends the stream: the digest of every region of `mem` (of the pages sent; with
