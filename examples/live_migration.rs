@@ -388,11 +388,7 @@ fn network_migration(
         std::thread::scope(|s| -> Result<_, BoxError> {
             let dst = &dst;
             let destination = s.spawn(move || -> Result<_, BoxError> {
-                let (stream, peer) = listener.accept()?;
-                if !peer.ip().is_loopback() {
-                    return Err(format!("refusing a connection from {peer}").into());
-                }
-                stream.set_nodelay(true)?;
+                let stream = accept_loopback(&listener)?;
                 let acks = stream.try_clone()?;
                 let mut receiver = Receiver::new_vectored(stream);
                 // Acknowledgements, so that the source pauses only once this side caught up.
@@ -402,16 +398,8 @@ fn network_migration(
                 Ok((summary, resumed_at, total))
             });
             let guest = start_source_guest(s, vcpu, src, writer, &stop);
-            // KVM's dirty log merged into the bitmaps before every harvest.
-            let sync = || -> Result<(), BoxError> {
-                match slots.as_mut() {
-                    Some(slots) => slots.sync_dirty_log().map(drop).map_err(Into::into),
-                    None => Ok(()),
-                }
-            };
-            let stream = TcpStream::connect(addr)?;
-            // The frames of the pause are small: they must not wait for Nagle.
-            stream.set_nodelay(true)?;
+            let sync = || dirty_log_sync(slots.as_mut());
+            let stream = connect(addr)?;
             let mut acks = stream.try_clone()?;
             let sender = Sender::new_vectored(stream)?;
             let mut precopy = Precopy::new(sender, src, config, sync);
@@ -472,12 +460,7 @@ fn postcopy_migration(
         std::thread::scope(|s| -> Result<_, BoxError> {
             let dst = &dst;
             let destination = s.spawn(move || -> Result<_, BoxError> {
-                let (stream, peer) = listener.accept()?;
-                if !peer.ip().is_loopback() {
-                    return Err(format!("refusing a connection from {peer}").into());
-                }
-                // Small messages (requests, acknowledgements) must not wait for Nagle.
-                stream.set_nodelay(true)?;
+                let stream = accept_loopback(&listener)?;
                 let requests = stream.try_clone()?;
                 let mut receiver = Receiver::new_vectored(stream);
                 // Acknowledgements, so that the source pauses only once this side caught up.
@@ -498,14 +481,8 @@ fn postcopy_migration(
                 Ok((summary, stale, resumed_at, total, serving + summary.duration))
             });
             let guest = start_source_guest(s, vcpu, src, writer, &stop);
-            let sync = || -> Result<(), BoxError> {
-                match slots.as_mut() {
-                    Some(slots) => slots.sync_dirty_log().map(drop).map_err(Into::into),
-                    None => Ok(()),
-                }
-            };
-            let stream = TcpStream::connect(addr)?;
-            stream.set_nodelay(true)?;
+            let sync = || dirty_log_sync(slots.as_mut());
+            let stream = connect(addr)?;
             let mut requests = stream.try_clone()?;
             let mut precopy = Precopy::new(Sender::new_vectored(stream)?, src, config, sync);
             precopy.run()?;
@@ -551,6 +528,33 @@ fn postcopy_migration(
         summary.receive.regions_verified
     );
     Ok(Some(Outcome { dst, local: false, paused_at, resumed_at, writes_at_pause, total_writes }))
+}
+
+/// The destination's connection: from this host only, with `TCP_NODELAY` (the pause's frames
+/// and the return path's messages are small: they must not wait for Nagle).
+fn accept_loopback(listener: &TcpListener) -> Result<TcpStream, BoxError> {
+    let (stream, peer) = listener.accept()?;
+    if !peer.ip().is_loopback() {
+        return Err(format!("refusing a connection from {peer}").into());
+    }
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The source's connection, with `TCP_NODELAY` (see [`accept_loopback`]).
+fn connect(addr: std::net::SocketAddr) -> Result<TcpStream, BoxError> {
+    let stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// KVM's dirty log merged into the source's bitmaps before every harvest (nothing to merge for
+/// a host-thread guest).
+fn dirty_log_sync(slots: Option<&mut KvmSlots<AtomicBitmap>>) -> Result<(), BoxError> {
+    match slots {
+        Some(slots) => slots.sync_dirty_log().map(drop).map_err(Into::into),
+        None => Ok(()),
+    }
 }
 
 /// Says so when the destination did not acknowledge in time (the pause then includes its

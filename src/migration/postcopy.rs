@@ -671,16 +671,7 @@ fn receive_stale<R: Read, B: Bitmap>(
                 }
             }
             FRAME_END_OF_ROUND => {
-                if a != summary.rounds || b != round_data || c != round_zero {
-                    return Err(MigrationError::RoundMismatch {
-                        round: a,
-                        pages: b,
-                        zero_pages: c,
-                        expected_round: summary.rounds,
-                        received_pages: round_data,
-                        received_zero_pages: round_zero,
-                    });
-                }
+                super::receive::check_round_end((a, b, c), summary.rounds, round_data, round_zero)?;
                 summary.rounds += 1;
                 (round_data, round_zero) = (0, 0);
             }

@@ -432,16 +432,7 @@ impl<R: Read> Receiver<R> {
                     summary.bytes += (data + zero) * PAGE as u64;
                 }
                 FRAME_END_OF_ROUND => {
-                    if a != summary.rounds || b != round_data || c != round_zero {
-                        return Err(MigrationError::RoundMismatch {
-                            round: a,
-                            pages: b,
-                            zero_pages: c,
-                            expected_round: summary.rounds,
-                            received_pages: round_data,
-                            received_zero_pages: round_zero,
-                        });
-                    }
+                    check_round_end((a, b, c), summary.rounds, round_data, round_zero)?;
                     if let Some(rv) = rendezvous {
                         // This stream's pages of the round are all in the tables before the
                         // next round's may arrive on any stream.
@@ -613,29 +604,7 @@ impl<R: Read> Receiver<R> {
         data_len: u64,
         reserved: u64,
     ) -> Result<(u64, u64)> {
-        if reserved != 0 {
-            return Err(MigrationError::InvalidFrame { what: "pages frame argument", offset: at });
-        }
-        if count == 0 {
-            return Err(MigrationError::InvalidFrame { what: "empty pages frame", offset: at });
-        }
-        if count > MAX_RUNS as u64 {
-            return Err(MigrationError::FrameTooLarge {
-                offset: at,
-                what: "runs",
-                len: count,
-                max: MAX_RUNS as u64,
-            });
-        }
-        if data_len > MAX_FRAME_DATA {
-            return Err(MigrationError::FrameTooLarge {
-                offset: at,
-                what: "data bytes",
-                len: data_len,
-                max: MAX_FRAME_DATA,
-            });
-        }
-        let (data_pages, zero_pages) = self.read_runs_checked(mem, dest, runs, at, count, data_len)?;
+        let (data_pages, zero_pages) = self.read_runs(mem, dest, runs, at, count, data_len, reserved)?;
 
         // The data, straight into the data runs' pages.
         let data_at = self.offset;
@@ -722,18 +691,6 @@ impl<R: Read> Receiver<R> {
                 max: MAX_FRAME_DATA,
             });
         }
-        self.read_runs_checked(mem, dest, runs, at, count, data_len)
-    }
-
-    fn read_runs_checked<M: GuestMemory + ?Sized>(
-        &mut self,
-        mem: &M,
-        dest: &Destination,
-        runs: &mut Vec<Run>,
-        at: u64,
-        count: u64,
-        data_len: u64,
-    ) -> Result<(u64, u64)> {
         let n = count as usize;
         let mut raw = std::mem::take(&mut self.raw_runs);
         let read = self.read_full(&mut raw[..n * RUN_LEN], "the runs of a pages frame");
@@ -1134,6 +1091,27 @@ impl<R: Read> Receiver<R> {
         self.offset += buf.len() as u64;
         Ok(())
     }
+}
+
+/// Checks an end-of-round frame's arguments (round, data pages, zero pages) against the round
+/// the receiver is in and what it received in it.
+pub(super) fn check_round_end(
+    (round, pages, zero_pages): (u64, u64, u64),
+    expected_round: u64,
+    data: u64,
+    zero: u64,
+) -> Result<()> {
+    if round != expected_round || pages != data || zero_pages != zero {
+        return Err(MigrationError::RoundMismatch {
+            round,
+            pages,
+            zero_pages,
+            expected_round,
+            received_pages: data,
+            received_zero_pages: zero,
+        });
+    }
+    Ok(())
 }
 
 /// Checks the runs of a pages frame (`raw`) and parses them into `runs`: kinds, sizes,
