@@ -188,12 +188,40 @@ pub unsafe fn recv_vectored(sock: BorrowedFd<'_>, iov: &[libc::iovec], flags: Ms
     cvt_long(unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags.bits()) }).map(|n| n as usize)
 }
 
+/// The address family of socket `fd` (`getsockopt(SO_DOMAIN)`: `AF_UNIX`, `AF_INET`, ...),
+/// or `None` if it is not a socket (or the kernel does not say).
+pub fn domain(fd: BorrowedFd<'_>) -> Option<i32> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, an int of that size.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_DOMAIN,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    (ret == 0 && len as usize == std::mem::size_of::<libc::c_int>()).then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::io::Write;
     use std::os::fd::AsFd;
     use std::os::unix::net::{UnixDatagram, UnixStream};
+
+    #[test]
+    fn domain_names_the_family_and_nothing_for_other_fds() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        assert_eq!(domain(a.as_fd()), Some(libc::AF_UNIX));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        assert_eq!(domain(listener.as_fd()), Some(libc::AF_INET));
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert_eq!(domain(file.as_fd()), None);
+    }
 
     #[test]
     fn fds_travel_and_limits_are_errors() {
