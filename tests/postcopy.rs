@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -354,6 +354,40 @@ fn hostile_postcopy_pages_and_a_source_that_disappears() {
     let (requests, _peer) = UnixStream::pair().unwrap();
     let e = start.start(receiver, &other, requests).unwrap_err();
     assert!(matches!(e, MigrationError::Postcopy(w) if w.contains("not the one")), "{e}");
+    // ... even with the same layout: another mapping would be served zeros and digests of
+    // the memory received into.
+    let dst = mem();
+    let mut receiver = Receiver::new(io::Cursor::new(whole.clone()));
+    let Received::Postcopy(start) = receiver.receive_or_postcopy(&dst).unwrap() else { panic!() };
+    let twin = mem();
+    let (requests, _peer) = UnixStream::pair().unwrap();
+    let e = start.start(receiver, &twin, requests).unwrap_err();
+    assert!(matches!(e, MigrationError::Postcopy(w) if w.contains("not the one")), "{e}");
+    // A source that goes silent: dropping the handle returns at once (what did not arrive is
+    // poisoned), and `wait` returns once the connection is shut down.
+    for shut_down in [false, true] {
+        let dst = mem();
+        let (tx, rx) = UnixStream::pair().unwrap();
+        // The switch, then silence (the writer keeps its end open).
+        let bytes = prefix.to_vec();
+        let writer = std::thread::spawn(move || {
+            (&tx).write_all(&bytes).unwrap();
+            tx
+        });
+        let mut receiver = Receiver::new(rx.try_clone().unwrap());
+        let Received::Postcopy(start) = receiver.receive_or_postcopy(&dst).unwrap() else { panic!() };
+        let (requests, _peer) = UnixStream::pair().unwrap();
+        let running = start.start(receiver, &dst, requests).unwrap();
+        let t = std::time::Instant::now();
+        if shut_down {
+            rx.shutdown(std::net::Shutdown::Both).unwrap();
+            assert!(running.wait().is_err());
+        } else {
+            drop(running);
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(5), "blocked {:?}", t.elapsed());
+        drop(writer.join().unwrap());
+    }
 }
 
 #[test]
@@ -432,14 +466,27 @@ fn hostile_discard_frames() {
     }
     let dst = mem();
     dst.write_obj(0xabcd_u64, GuestAddress(0x2000)).unwrap();
-    let mut switch = with(&[runs(&[(0x1000, 2)]), runs(&[(0x2000, 1), (0x9000, 1)]), frame(6, 0, 0, 0)]);
+    let mut switch = with(&[runs(&[(0x1000, 2)]), runs(&[(0x8000, 1), (0x9000, 1)])]);
+    let mut start = frame(6, 1, 1, 0);
+    start.extend_from_slice(&run(0xb000, 1, 0));
+    switch.extend_from_slice(&start);
     switch.extend_from_slice(&device_state(b"regs"));
     let Received::Postcopy(p) = Receiver::new(&switch[..]).receive_or_postcopy(&dst).unwrap() else {
         panic!("not post-copy")
     };
-    // 0x1000, 0x2000 (twice) and 0x9000: three pages, and the discard dropped the data.
-    assert_eq!(p.stale_pages(), 3);
+    // 0x1000, 0x2000, 0x8000, 0x9000 discarded, 0xb000 at the switch; the discard dropped the data.
+    assert_eq!(p.stale_pages(), 5);
     assert_eq!(dst.read_obj::<u64>(GuestAddress(0x2000)).unwrap(), 0);
+    // A page named twice: by two discard frames, or by a discard frame and the switch (so the
+    // switch's work is bounded by the memory's size, whatever the peer sends).
+    let e = receive_err(&with(&[runs(&[(0x1000, 2)]), runs(&[(0x2000, 1)])]));
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "a stale page named twice", .. }), "{e}");
+    let mut again = with(&[runs(&[(0x1000, 2)])]);
+    let mut start = frame(6, 1, 1, 0);
+    start.extend_from_slice(&run(0x1000, 1, 0));
+    again.extend_from_slice(&start);
+    let e = receive_err(&again);
+    assert!(matches!(e, MigrationError::InvalidFrame { what: "a stale page named twice", .. }), "{e}");
     // An empty post-copy start without discard frames before it.
     let mut empty = with(&[frame(6, 0, 0, 0)]);
     empty.extend_from_slice(&device_state(b"regs"));
@@ -573,4 +620,18 @@ fn a_kvm_guest_resumed_by_postcopy_goes_on_exactly() {
         }
     }
     drop(dst_slots);
+}
+
+#[test]
+fn discard_rounds_refuse_memory_with_a_partial_last_page_before_sending() {
+    let src = Mem::from_ranges(&[(GuestAddress(0), 0x10_0004)]).unwrap();
+    src.write_obj(1u8, GuestAddress(0x10_0000)).unwrap();
+    let mut precopy = Precopy::new(Sender::new(Vec::new()).unwrap(), &src, PrecopyConfig::default(), || {
+        Ok::<(), io::Error>(())
+    });
+    let e = precopy.discard_round().unwrap_err();
+    assert!(matches!(e, MigrationError::Postcopy(w) if w.contains("whole pages")), "{e}");
+    // Nothing was sent: the migration can still end the ordinary way.
+    let (report, _) = precopy.complete().unwrap();
+    assert!(report.rounds[0].pages > 0);
 }

@@ -64,7 +64,7 @@
 //! between the source's memory (the pages not yet sent) and the destination's vCPUs and memory
 //! (what it did since). If the stream breaks, the source is gone, or a check fails,
 //! [`PostcopyDestination::wait`] returns the error and every stale page that did not arrive
-//! is *poisoned* (`UFFDIO_POISON`, where the kernel has it): a guest access to one is an exit
+//! is *poisoned* (`UFFDIO_POISON`, which post-copy requires: Linux 6.6): a guest access to one is an exit
 //! the VMM sees (an MMIO exit at that address on the project's machine), a host access raises
 //! `SIGBUS`; none reads as a silent zero. The VMM must then stop the destination guest for
 //! good and report the migration lost; it may resume the source only if it knows the
@@ -117,6 +117,11 @@ pub enum Received {
 
 /// The destination at the switch to post-copy: the pre-copy's pages are in memory, the device
 /// state has arrived, the stale pages are still at the source.
+///
+/// Nothing may touch the memory until [`start`](Self::start) returns: the pages of the
+/// discard frames read as zeros and those of the switch as their old copies until then, and a
+/// discarded page touched now is there when its data arrives, which fails the post-copy
+/// (`UFFDIO_COPY` finds it: `EEXIST`).
 #[derive(Debug)]
 pub struct PostcopyStart {
     pub(super) dest: Destination,
@@ -162,8 +167,9 @@ impl PostcopyStart {
     /// missing one), one reads the rest of the stream from `receiver` and places its pages.
     ///
     /// Fails before touching memory if `mem` is not the memory the stream was received into
-    /// (another layout), not private anonymous memory of whole pages, or the kernel lacks
-    /// userfaultfd ([`MigrationError::Postcopy`], [`MigrationError::Io`]).
+    /// (another layout, or the same layout at other host addresses), not private anonymous
+    /// memory of whole pages, or the kernel lacks userfaultfd or its `UFFDIO_POISON` (Linux 6.6)
+    /// ([`MigrationError::Postcopy`], [`MigrationError::Io`]).
     pub fn start<R, W, B>(
         self,
         receiver: Receiver<R>,
@@ -256,10 +262,14 @@ impl PostcopyStart {
             // page gets a zero page, as it would without the registration. The handler keeps
             // `mem` (a clone of its regions) mapped until the fd is closed.
             match unsafe { uffd.register(r.host as *mut u8, r.len as usize, RegisterMode::MISSING) } {
-                Ok(ioctls) if ioctls.contains(Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE) => {}
+                Ok(ioctls)
+                    if ioctls.contains(Ioctls::COPY | Ioctls::ZEROPAGE | Ioctls::WAKE | Ioctls::POISON) => {}
                 Ok(_) => {
-                    let e =
-                        MigrationError::Postcopy("the memory does not take UFFDIO_COPY and UFFDIO_ZEROPAGE");
+                    // Without POISON a page that never arrives could only wait forever or turn
+                    // into zeros once the userfaultfd is closed.
+                    let e = MigrationError::Postcopy(
+                        "the kernel's userfaultfd lacks UFFDIO_COPY, ZEROPAGE or POISON (Linux 6.6) for this memory",
+                    );
                     return fail(faults, stream, &regions.0[..=i], e);
                 }
                 Err(e) => {
@@ -319,8 +329,11 @@ impl PostcopyDestination {
 
     /// Waits until the stream ended: every stale page placed and the digests compared. Then
     /// the memory is unregistered and is ordinary memory again. On an error the pages that did
-    /// not arrive stay poisoned and the fault thread runs on (see the [module docs](self)):
-    /// the destination guest must be stopped before the memory is dropped.
+    /// not arrive are poisoned (see the [module docs](self)): the destination guest must be
+    /// stopped. A source that goes silent without closing the connection makes this wait as
+    /// long as the transport does: to give up, shut the connection down (e.g.
+    /// `TcpStream::shutdown` on a clone), which fails the receive, or drop this handle, which
+    /// poisons what did not arrive and returns at once.
     pub fn wait(mut self) -> Result<PostcopySummary> {
         let joined = self.stream.take().expect("waited once").join();
         let (receive, duration) = match joined {
@@ -355,17 +368,22 @@ impl PostcopyDestination {
 
 impl Drop for PostcopyDestination {
     fn drop(&mut self) {
-        // A destination dropped before its stream ended: what did not arrive is poisoned, so
-        // that closing the userfaultfd cannot turn it into zeros.
-        if let Some(t) = self.stream.take() {
-            let _ = t.join();
-        }
-        if self.state.missing.load(Ordering::Acquire) > 0 {
+        // A destination dropped before its stream ended (a source that went silent, say):
+        // what did not arrive is poisoned, so that closing the userfaultfd cannot turn it into
+        // zeros. The stream thread is not waited for: it holds the memory and the userfaultfd
+        // until its stream ends or fails (a page it places now finds a poisoned one: EEXIST).
+        let running = self.stream.as_ref().is_some_and(|t| !t.is_finished());
+        if running || self.state.missing.load(Ordering::Acquire) > 0 {
             poison_missing(&self.uffd, &self.state, &self.regions);
         }
         let _ = (&self.stop).write_all(&[1]);
         if let Some(t) = self.faults.take() {
             let _ = t.join();
+        }
+        if let Some(t) = self.stream.take() {
+            if t.is_finished() {
+                let _ = t.join();
+            }
         }
     }
 }
@@ -507,6 +525,7 @@ fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> MigrationError {
 /// The fault thread: until `stop` is readable.
 fn serve_faults<W: Write>(uffd: &Uffd, state: &State, regions: &Regions, mut requests: W, stop: &UnixStream) {
     let mut events = Vec::with_capacity(64);
+    let mut asking = true;
     let fail = |e: MigrationError| {
         if state.finished.load(Ordering::Acquire) {
             return;
@@ -542,7 +561,9 @@ fn serve_faults<W: Write>(uffd: &Uffd, state: &State, regions: &Regions, mut req
                         let _ = uffd.wake(host as *mut u8, PAGE);
                     }
                     Err((_, e)) => {
-                        fail(MigrationError::Io { op: "placing a zero page (UFFDIO_ZEROPAGE)", source: e })
+                        // The faulting thread must not wait forever, nor re-fault in a loop.
+                        poison_page(uffd, host);
+                        fail(MigrationError::Io { op: "placing a zero page (UFFDIO_ZEROPAGE)", source: e });
                     }
                 }
             } else if test(&state.placed, bit) {
@@ -550,29 +571,39 @@ fn serve_faults<W: Write>(uffd: &Uffd, state: &State, regions: &Regions, mut req
                 let _ = uffd.wake(host as *mut u8, PAGE);
             } else if !test_and_set(&state.requested, bit) {
                 state.requested_count.fetch_add(1, Ordering::Relaxed);
-                if let Err(e) = requests.write_all(&gpa.to_le_bytes()).and_then(|()| requests.flush()) {
-                    // The page may still come in the background; the stream thread reports
-                    // a source that is gone.
-                    fail(MigrationError::Io { op: "sending a page request", source: e });
+                if asking && requests.write_all(&gpa.to_le_bytes()).and_then(|()| requests.flush()).is_err() {
+                    // The page still comes in the background; a source that is gone is the
+                    // stream thread's error to report. No more requests.
+                    asking = false;
                 }
             }
         }
     }
 }
 
-/// Poisons every stale page that was not placed (best effort: a kernel without
-/// `UFFDIO_POISON` leaves them missing, and faults on them wait).
+/// Poisons every stale page that was not placed (`start` made sure the memory takes
+/// `UFFDIO_POISON`); a page counts as placed once poisoned (or found there: `EEXIST`).
 fn poison_missing(uffd: &Uffd, state: &State, regions: &Regions) {
     for r in regions.0.iter() {
         for p in 0..r.len / PAGE as u64 {
             let bit = r.first_bit + p;
-            if test(&state.stale, bit) && !test_and_set(&state.placed, bit) {
+            if test(&state.stale, bit) && !test(&state.placed, bit) {
                 let host = r.host + (p * PAGE as u64) as usize;
-                // SAFETY: the page is one of ours that never arrived; poisoned, a thread
-                // touching it gets an error instead of bytes the guest never had.
-                let _ = unsafe { uffd.poison(host as *mut u8, PAGE, true) };
+                if poison_page(uffd, host) {
+                    test_and_set(&state.placed, bit);
+                }
             }
         }
+    }
+}
+
+/// Poisons the missing page at `host`; whether it is now there (poisoned, or placed already).
+fn poison_page(uffd: &Uffd, host: usize) -> bool {
+    // SAFETY: the page is one of ours whose contents never arrived; poisoned, a thread touching
+    // it gets an error instead of bytes the guest never had.
+    match unsafe { uffd.poison(host as *mut u8, PAGE, true) } {
+        Ok(_) => true,
+        Err((_, e)) => e.raw_os_error() == Some(libc::EEXIST),
     }
 }
 

@@ -261,8 +261,9 @@ pub struct Precopy<'m, S, B, F> {
     stop: Option<StopReason>,
     /// The runs of the discard rounds so far (see [`discard_round`](Self::discard_round)).
     discarded: Vec<(u64, u64)>,
-    /// Discard frames sent.
+    /// Discard frames sent, and the runs they carried.
     discards: u64,
+    discarded_runs: u64,
     /// Bytes of the return path read but not yet a whole message.
     return_buf: Vec<u8>,
     /// The last round and the number of discard frames the destination acknowledged.
@@ -308,6 +309,7 @@ where
             stop: None,
             discarded: Vec::new(),
             discards: 0,
+            discarded_runs: 0,
             return_buf: Vec::new(),
             acked_round: None,
             acked_discards: 0,
@@ -506,7 +508,8 @@ where
         self.sync()?;
         let mut ranges: Vec<(GuestAddress, u64)> = Vec::new();
         self.mem.take_dirty_ranges(|addr, len| ranges.push((addr, len)))?;
-        let last = stale_runs(self.mem, &ranges);
+        // Pages discarded already are stale already: the switch names each stale page once.
+        let last = subtract_runs(&stale_runs(self.mem, &ranges), &self.discarded);
         if last.is_empty() && self.discards == 0 {
             let rounds = self.rounds.clone();
             let (report, stream) = self.complete_inner(Some(state))?;
@@ -676,22 +679,36 @@ where
     /// data round, no [`complete`](Self::complete)). Returns the pages discarded (0: nothing
     /// dirty, nothing sent). The destination's memory must be private anonymous memory.
     pub fn discard_round(&mut self) -> Result<u64> {
+        if self.mem.iter().any(|r| !r.len().is_multiple_of(super::STREAM_PAGE_SIZE)) {
+            return Err(MigrationError::Postcopy("post-copy needs regions of whole pages"));
+        }
         if self.stop.is_none() {
             self.run()?;
         }
         self.sync()?;
         let mut ranges: Vec<(GuestAddress, u64)> = Vec::new();
         self.mem.take_dirty_ranges(|addr, len| ranges.push((addr, len)))?;
-        let runs = stale_runs(self.mem, &ranges);
+        // A page discarded before is gone at the destination already.
+        let runs = subtract_runs(&stale_runs(self.mem, &ranges), &self.discarded);
         if runs.is_empty() {
             return Ok(0);
+        }
+        // The destination takes at most MAX_POSTCOPY_RUNS runs over all discard frames.
+        let merged = union_runs(self.mem, &self.discarded, &runs);
+        let sent_runs = self.discarded_runs + runs.len() as u64;
+        if sent_runs > super::postcopy::MAX_POSTCOPY_RUNS {
+            let _ = self.mem.restore_dirty_ranges(&ranges);
+            return Err(MigrationError::Postcopy(
+                "the discard rounds would name more than MAX_POSTCOPY_RUNS runs",
+            ));
         }
         if let Err(e) = self.sender.send_discard(&runs) {
             let _ = self.mem.restore_dirty_ranges(&ranges);
             return Err(e);
         }
+        self.discarded_runs = sent_runs;
         self.discards += 1;
-        self.discarded = union_runs(self.mem, &self.discarded, &runs);
+        self.discarded = merged;
         Ok(runs.iter().map(|r| r.1).sum())
     }
 
@@ -748,6 +765,36 @@ where
     }
 }
 
+/// The pages of `a` that are not in `b` (both ascending, not overlapping), as runs.
+fn subtract_runs(a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let page = super::STREAM_PAGE_SIZE;
+    let mut out = Vec::with_capacity(a.len());
+    let mut j = 0;
+    for &(addr, pages) in a {
+        let (mut at, end) = (addr, addr + pages * page);
+        while j < b.len() && b[j].0 + b[j].1 * page <= at {
+            j += 1;
+        }
+        let mut k = j;
+        while at < end {
+            match b.get(k) {
+                Some(&(b_addr, b_pages)) if b_addr < end => {
+                    if b_addr > at {
+                        out.push((at, (b_addr - at) / page));
+                    }
+                    at = at.max(b_addr + b_pages * page);
+                    k += 1;
+                }
+                _ => {
+                    out.push((at, (end - at) / page));
+                    at = end;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// The union of two lists of stream page runs, as ascending runs each in one region.
 fn union_runs<B: Bitmap>(mem: &GuestMemoryMmap<B>, a: &[(u64, u64)], b: &[(u64, u64)]) -> Vec<(u64, u64)> {
     let ranges: Vec<(GuestAddress, u64)> = a
@@ -788,4 +835,22 @@ fn stale_runs<B: Bitmap>(mem: &GuestMemoryMmap<B>, ranges: &[(GuestAddress, u64)
 
 fn io_read(op: &'static str) -> impl FnOnce(std::io::Error) -> MigrationError {
     move |source| MigrationError::Io { op, source }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::subtract_runs;
+
+    const P: u64 = 4096;
+
+    #[test]
+    fn subtract_runs_keeps_exactly_the_pages_not_in_the_second_list() {
+        // a: [1, 5) [8, 9) [10, 20); b: [0, 2) [3, 4) [8, 9) [12, 13) [19, 30).
+        let a = [(P, 4), (8 * P, 1), (10 * P, 10)];
+        let b = [(0, 2), (3 * P, 1), (8 * P, 1), (12 * P, 1), (19 * P, 11)];
+        assert_eq!(subtract_runs(&a, &b), vec![(2 * P, 1), (4 * P, 1), (10 * P, 2), (13 * P, 6)]);
+        assert_eq!(subtract_runs(&a, &[]), a.to_vec());
+        assert_eq!(subtract_runs(&[], &b), vec![]);
+        assert_eq!(subtract_runs(&a, &[(0, 100)]), vec![]);
+    }
 }

@@ -75,6 +75,8 @@ pub(super) struct Destination {
     trusted: Vec<bool>,
     /// Which regions are private anonymous memory (whose pages a discard frame may drop).
     private: Vec<bool>,
+    /// Each region's host address: post-copy must serve the very memory received into.
+    hosts: Vec<usize>,
     pagemap: Option<Pagemap>,
 }
 
@@ -85,15 +87,36 @@ impl Destination {
         let private: Vec<bool> =
             mem.iter().map(|r| residency::private_anonymous(r.host_ptr(), r.len() as usize)).collect();
         let trusted = private.iter().map(|&p| p && pagemap.is_some()).collect();
-        Ok(Destination { tables: Tables::default().for_memory(mem), trusted, private, pagemap })
+        let hosts = mem.iter().map(|r| r.host_ptr() as usize).collect();
+        Ok(Destination { tables: Tables::default().for_memory(mem), trusted, private, hosts, pagemap })
     }
 
     /// Whether `mem` has the regions (places and lengths) this destination was made for.
     pub(super) fn same_layout<M: GuestMemory + ?Sized>(&self, mem: &M) -> bool {
         mem.num_regions() == self.tables.len()
-            && mem.iter().zip(&self.tables).all(|(r, t)| {
-                r.start_addr().0 == t.first_page() * PAGE as u64 && r.start_addr().0 + r.len() == t.end()
+            && mem.iter().zip(&self.tables).zip(&self.hosts).all(|((r, t), &host)| {
+                r.start_addr().0 == t.first_page() * PAGE as u64
+                    && r.start_addr().0 + r.len() == t.end()
+                    && r.host_ptr() as usize == host
             })
+    }
+
+    /// A bitmap of one bit per page of the memory, all clear (for the pages discard frames
+    /// dropped).
+    fn page_bits(&self) -> Vec<u64> {
+        let pages: u64 =
+            self.tables.iter().map(|t| (t.end() - t.first_page() * PAGE as u64).div_ceil(PAGE as u64)).sum();
+        vec![0; pages.div_ceil(64) as usize]
+    }
+
+    /// The bit of guest page `page` (in memory) in [`page_bits`](Self::page_bits).
+    fn page_bit(&self, page: u64) -> u64 {
+        let r = self.region_of(page);
+        let before: u64 = self.tables[..r]
+            .iter()
+            .map(|t| (t.end() - t.first_page() * PAGE as u64).div_ceil(PAGE as u64))
+            .sum();
+        before + page - self.tables[r].first_page()
     }
 
     /// The hash table of region `i`.
@@ -159,8 +182,10 @@ pub struct Receiver<R> {
     device_state: Option<Vec<u8>>,
     /// The stale runs of a post-copy start frame, once it arrived.
     postcopy: Option<Vec<StaleRun>>,
-    /// The runs of the discard frames so far (dropped, to come in post-copy).
+    /// The runs of the discard frames so far (dropped, to come in post-copy), and a bit per
+    /// page of memory for them: no page may be discarded twice, nor listed again at the switch.
     discarded: Vec<StaleRun>,
+    discarded_bits: Vec<u64>,
     /// Discard frames applied.
     discards: u64,
     /// Where acknowledgements go ([`set_return_path`](Self::set_return_path)).
@@ -225,6 +250,7 @@ impl<R: Read> Receiver<R> {
             device_state: None,
             postcopy: None,
             discarded: Vec::new(),
+            discarded_bits: Vec::new(),
             discards: 0,
             return_path: None,
         }
@@ -298,6 +324,7 @@ impl<R: Read> Receiver<R> {
             Some(stale) => {
                 let state = self.device_state.take().unwrap_or_default();
                 let discarded = std::mem::take(&mut self.discarded);
+                self.discarded_bits = Vec::new();
                 Received::Postcopy(PostcopyStart { dest, stale, discarded, state, summary })
             }
         })
@@ -350,6 +377,7 @@ impl<R: Read> Receiver<R> {
         self.device_state = None;
         self.postcopy = None;
         self.discarded.clear();
+        self.discarded_bits = Vec::new();
         self.discards = 0;
         let mut summary = ReceiveSummary::default();
         // The device state, once its frame arrived: handed out only when the stream is done.
@@ -459,10 +487,18 @@ impl<R: Read> Receiver<R> {
                     }
                 }
                 FRAME_POSTCOPY => {
-                    self.postcopy = Some(self.read_stale_runs(mem, at, a, b, c, discarding)?);
+                    let runs = self.read_stale_runs(mem, at, a, b, c, discarding)?;
+                    if discarding {
+                        self.claim_discarded(dest, &runs, at, false)?;
+                    }
+                    self.postcopy = Some(runs);
                 }
                 FRAME_DISCARD => {
                     let runs = self.read_stale_runs(mem, at, a, b, c, false)?;
+                    if self.discarded_bits.is_empty() {
+                        self.discarded_bits = dest.page_bits();
+                    }
+                    self.claim_discarded(dest, &runs, at, true)?;
                     if (self.discarded.len() + runs.len()) as u64 > MAX_POSTCOPY_RUNS {
                         return Err(MigrationError::FrameTooLarge {
                             offset: at,
@@ -792,6 +828,28 @@ impl<R: Read> Receiver<R> {
             return Err(invalid("post-copy page count disagrees with the runs"));
         }
         Ok(stale)
+    }
+
+    /// Checks that no page of `runs` was discarded before (each stale page is named once, so
+    /// that what the switch costs is bounded by the memory's size), and with `mark` records
+    /// them as discarded.
+    fn claim_discarded(&mut self, dest: &Destination, runs: &[StaleRun], at: u64, mark: bool) -> Result<()> {
+        let bits = &mut self.discarded_bits;
+        for &(addr, pages) in runs {
+            let first = dest.page_bit(addr / PAGE as u64);
+            if (first..first + pages).any(|b| bits[(b / 64) as usize] & (1 << (b % 64)) != 0) {
+                return Err(MigrationError::InvalidFrame { what: "a stale page named twice", offset: at });
+            }
+        }
+        if mark {
+            for &(addr, pages) in runs {
+                let first = dest.page_bit(addr / PAGE as u64);
+                for b in first..first + pages {
+                    bits[(b / 64) as usize] |= 1 << (b % 64);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Drops the destination's copy of the pages of `runs` (a discard frame's): they read as
