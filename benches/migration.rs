@@ -9,12 +9,15 @@
 //!   `Receiver::new_vectored` + `receive` on the other (integrity checks included).
 //!
 //! Contents: "every page data" (no zero page), and "1 page in 4 data" (pages 0, 4, 8, ... hold
-//! data, the others are zero). Every source page is resident (the zero pages were written), so
-//! zero pages must be found by reading them. Before each repetition the destination is reset,
-//! the same way for raw and guestmem, and is resident (a destination that has not been
-//! touched would cost raw a page fault per page): "stale" is non-zero everywhere (as after an
-//! earlier round: every zero page must be written), "zeroed" is all zero (a VMM that
-//! preallocated its guest RAM: zero pages need only be read). Each case runs
+//! data, the others are zero). There every source page is resident (the zero pages were
+//! written), so zero pages must be found by reading them; in "1 in 4, untouched" the zero
+//! pages were never touched (dropped with `MADV_DONTNEED` before each repetition, for raw and
+//! guestmem alike), as in a guest that has not used most of its RAM. Before each repetition
+//! the destination is reset, the same way for raw and guestmem: "stale" is resident and
+//! non-zero everywhere (as after an earlier round: every zero page must be written), "zeroed"
+//! is resident and all zero (a VMM that preallocated its guest RAM: zero pages need only be
+//! read), "fresh" is untouched (dropped with `MADV_DONTNEED`: a new VM's memory, where raw pays
+//! a page fault for every page it reads into and a zero page need not be written). Each case runs
 //! `GUESTMEM_BENCH_REPS` (5) alternating repetitions of raw and guestmem; the table gives
 //! medians and the ratio guestmem / raw.
 //!
@@ -61,6 +64,8 @@ fn mix(x: u64) -> u64 {
 enum Contents {
     AllData,
     OneInFour,
+    /// As `OneInFour`, the zero pages never touched.
+    OneInFourUntouched,
 }
 
 impl Contents {
@@ -68,12 +73,31 @@ impl Contents {
         match self {
             Contents::AllData => "every page data",
             Contents::OneInFour => "1 page in 4 data",
+            Contents::OneInFourUntouched => "1 in 4, untouched",
         }
     }
 
     fn is_data(self, page: usize) -> bool {
         self == Contents::AllData || page.is_multiple_of(4)
     }
+
+    /// Makes the source's zero pages untouched again (raw's reads map the shared zero page).
+    fn reset(self, host: *mut u8, size: usize) {
+        if self == Contents::OneInFourUntouched {
+            // Pages 1-3 of every 4.
+            let ranges: Vec<(*mut u8, usize)> =
+                // SAFETY: inside our mapping of `size` bytes.
+                (0..size / PAGE / 4).map(|i| (unsafe { host.add((4 * i + 1) * PAGE) }, 3 * PAGE)).collect();
+            drop_pages(&ranges);
+        }
+    }
+}
+
+/// Drops `ranges` of our private anonymous memory: they read as zero again, untouched.
+fn drop_pages(ranges: &[(*mut u8, usize)]) {
+    // SAFETY: the ranges are inside the bench's own mappings, and nothing holds a reference
+    // into them (every access is through raw pointers or guestmem, not running now).
+    unsafe { sys::mman::madvise_ranges(ranges, sys::mman::Advice::DontNeed) }.unwrap();
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -92,9 +116,12 @@ impl Transport {
 }
 
 /// Fills every page of `host..host + size`: data pages with a pattern, zero pages with zeros
-/// (written, so they are resident like a used guest's).
+/// (written, so they are resident like a used guest's; untouched ones are skipped).
 fn fill(host: *mut u8, size: usize, contents: Contents) {
     for page in 0..size / PAGE {
+        if contents == Contents::OneInFourUntouched && !contents.is_data(page) {
+            continue;
+        }
         // SAFETY: the page lies in our writable mapping of `size` bytes.
         let p = unsafe { host.add(page * PAGE) }.cast::<u64>();
         for w in 0..PAGE / 8 {
@@ -122,6 +149,7 @@ fn zeroed(host: *mut u8, size: usize) {
 enum Destination {
     Stale,
     Zeroed,
+    Fresh,
 }
 
 impl Destination {
@@ -129,6 +157,7 @@ impl Destination {
         match self {
             Destination::Stale => "stale",
             Destination::Zeroed => "zeroed",
+            Destination::Fresh => "fresh",
         }
     }
 
@@ -136,6 +165,7 @@ impl Destination {
         match self {
             Destination::Stale => stale(host, size),
             Destination::Zeroed => zeroed(host, size),
+            Destination::Fresh => drop_pages(&[(host, size)]),
         }
     }
 }
@@ -303,8 +333,10 @@ fn main() {
         (Contents::AllData, Destination::Stale),
         (Contents::OneInFour, Destination::Zeroed),
         (Contents::OneInFour, Destination::Stale),
+        (Contents::OneInFour, Destination::Fresh),
+        (Contents::OneInFourUntouched, Destination::Fresh),
     ];
-    for contents in [Contents::AllData, Contents::OneInFour] {
+    for contents in [Contents::AllData, Contents::OneInFour, Contents::OneInFourUntouched] {
         let src = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let dst = Mem::from_ranges(&[(GuestAddress(0), size)]).unwrap();
         let (s, d) =
@@ -321,6 +353,7 @@ fn main() {
             let (mut raw_t, mut gm_t) = (Vec::new(), Vec::new());
             for _ in 0..reps {
                 if only != Some("guestmem") {
+                    contents.reset(s, size);
                     dest.reset(d, size);
                     perf("enable\n");
                     raw_t.push(raw(transport, &listener, s, d, size));
@@ -328,6 +361,7 @@ fn main() {
                     assert!(same(s, d, size), "raw copy differs");
                 }
                 if only != Some("raw") {
+                    contents.reset(s, size);
                     dest.reset(d, size);
                     perf("enable\n");
                     gm_t.push(guestmem(transport, &listener, &src, &dst));

@@ -476,13 +476,6 @@ fn add_vcpu_maps_only_real_rings() {
     });
 }
 
-/// Loads code through the library (a host write, so its pages are host-dirty).
-fn loader(mem: &Mem) -> impl FnMut(u64, &[u8]) -> Result<(), GuestError> + '_ {
-    move |gpa, code| {
-        mem.write_slice(code, GuestAddress(gpa)).map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
-    }
-}
-
 /// Issue 9, items 9 and 20: with the ring on, a register that fails half-way leaves the slot
 /// list sorted (so no reaped entry is missed), and a deleted slot's number is not reused until
 /// the rings were reaped, so the old slot's queued entries never land in a new region.
@@ -507,7 +500,8 @@ fn ring_bookkeeping_survives_failures_and_hotplug() {
     slots.register(&mem).unwrap();
     assert_eq!(slots.slots().map(|s| s.0).collect::<Vec<_>>(), [0, 1, 2, 3]);
     // The guest writes into `d` (slot 3); its entry waits in the ring.
-    kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(D + 0x5000, 1)], &mut loader(&mem)).unwrap();
+    kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(D + 0x5000, 1)], &mut common::loader(&mem))
+        .unwrap();
     // Remove `b` (slot 1) and add a region at a range the VMM took itself: the add fails after
     // the delete.
     vm.add_ram(60, CLASH, 1 << 20, 0).unwrap();
@@ -529,7 +523,7 @@ fn ring_bookkeeping_survives_failures_and_hotplug() {
         vm.vcpu(0).unwrap(),
         CODE_GPA,
         &[(0x10_0000 - 0x1000, 1), (C + 0x2000, 1), (E + 0x3000, 1)],
-        &mut loader(&next),
+        &mut common::loader(&next),
     )
     .unwrap();
     slots.reap_dirty_rings().unwrap();
@@ -712,7 +706,7 @@ fn guest_memfd_regions_are_guest_ram() {
         vm.vcpu(0).unwrap(),
         CODE_GPA,
         &[(GIB + 0x1234, 0xab), (GIB + 0x8000, 0xcd)],
-        &mut loader(&mem),
+        &mut common::loader(&mem),
     )
     .unwrap();
     assert_eq!(mem.read_obj::<u8>(GuestAddress(GIB + 0x1234)).unwrap(), 0xab);
@@ -784,7 +778,7 @@ fn plug_state_follows_block_groups_in_kvm() {
         vm.vcpu(0).unwrap(),
         CODE_GPA,
         &[(at(0, 8), 1), (at(2, 0x3000), 2), (at(8, 16), 3)],
-        &mut loader(&mem),
+        &mut common::loader(&mem),
     )
     .unwrap();
     assert_eq!(mem.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 2);
@@ -800,7 +794,8 @@ fn plug_state_follows_block_groups_in_kvm() {
     assert_eq!(groups(&slots).len(), 2);
     drop(mem);
     assert!(dev.is_fenced(1));
-    let r = kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(at(1, 8), 9)], &mut loader(&next));
+    let r =
+        kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(at(1, 8), 9)], &mut common::loader(&next));
     assert!(r.is_err(), "a guest write to an unplugged, fenced block succeeded");
     assert_eq!(next.read_obj::<u8>(GuestAddress(at(0, 8))).unwrap(), 1);
     // Group 0 empties: its slot goes before its fence is up.
@@ -821,6 +816,7 @@ fn plug_state_follows_block_groups_in_kvm() {
     slots.register(&back).unwrap();
     assert_eq!(groups(&slots).len(), 2);
     assert_eq!(back.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 0);
-    kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(at(2, 0x3000), 7)], &mut loader(&back)).unwrap();
+    kvm_guest::run_writes(vm.vcpu(0).unwrap(), CODE_GPA, &[(at(2, 0x3000), 7)], &mut common::loader(&back))
+        .unwrap();
     assert_eq!(back.read_obj::<u8>(GuestAddress(at(2, 0x3000))).unwrap(), 7);
 }

@@ -885,7 +885,7 @@ fn hostile_stream_sets() {
 #[test]
 fn precopy_while_a_kvm_guest_writes() {
     use common::kvm_guest::{
-        self, run_until_exits, GuestError, LoopingWriter, TestVm, VcpuState, COUNT_OFFSET, SEQ_OFFSET,
+        self, run_until_exits, LoopingWriter, TestVm, VcpuState, COUNT_OFFSET, SEQ_OFFSET,
     };
     use guestmem::kvm::KvmSlots;
 
@@ -903,10 +903,8 @@ fn precopy_while_a_kvm_guest_writes() {
     // 1024 pages spread over both regions' guest-reachable part: the first region's upper
     // half.
     let writer = LoopingWriter { writes_per_exit: 32, ..LoopingWriter::new(0x40_0000, 1024) };
-    kvm_guest::start_looping_writer(vm.vcpu(cpu).unwrap(), CODE_GPA, &writer, &mut |gpa, code| {
-        src.write_slice(code, GuestAddress(gpa)).map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
-    })
-    .unwrap();
+    kvm_guest::start_looping_writer(vm.vcpu(cpu).unwrap(), CODE_GPA, &writer, &mut common::loader(&src))
+        .unwrap();
 
     let (a, b) = UnixStream::pair().unwrap();
     let stop = AtomicBool::new(false);

@@ -516,7 +516,7 @@ fn hostile_discard_frames() {
 #[test]
 fn a_kvm_guest_resumed_by_postcopy_goes_on_exactly() {
     use common::kvm_guest::{
-        self, run_until_exits, GuestError, LoopingWriter, TestVm, VcpuState, COUNT_OFFSET, SEQ_OFFSET,
+        self, run_until_exits, LoopingWriter, TestVm, VcpuState, COUNT_OFFSET, SEQ_OFFSET,
     };
     use guestmem::kvm::KvmSlots;
 
@@ -532,10 +532,8 @@ fn a_kvm_guest_resumed_by_postcopy_goes_on_exactly() {
     slots.register(&src).unwrap();
     let cpu = vm.add_vcpu().unwrap();
     let writer = LoopingWriter { writes_per_exit: 32, ..LoopingWriter::new(0x40_0000, 1024) };
-    kvm_guest::start_looping_writer(vm.vcpu(cpu).unwrap(), CODE_GPA, &writer, &mut |gpa, code| {
-        src.write_slice(code, GuestAddress(gpa)).map_err(|e| GuestError::Load { gpa, reason: e.to_string() })
-    })
-    .unwrap();
+    kvm_guest::start_looping_writer(vm.vcpu(cpu).unwrap(), CODE_GPA, &writer, &mut common::loader(&src))
+        .unwrap();
     // The destination VM, its memory registered up front (KVM faults through the userfaultfd).
     let mut dst_vm = TestVm::new().unwrap();
     let mut dst_slots = KvmSlots::new(dst_vm.vm_fd(), false).unwrap();

@@ -7,7 +7,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use super::receive::Destination;
-use super::send::{check_range, check_regions};
+use super::send::{check_range, check_regions, harvest_and_send};
 use super::tables::Tables;
 use super::{
     new_session, MigrationError, ReceiveSummary, Receiver, Result, RoundEnd, Sender, StreamId, MAX_STREAMS,
@@ -171,18 +171,8 @@ impl<W: Write + Send> MultiSender<W> {
         &mut self,
         mem: &GuestMemoryMmap<B>,
     ) -> Result<usize> {
-        for region in mem.iter() {
-            region.bitmap().page_size()?;
-        }
         let mut ranges = std::mem::take(&mut self.ranges);
-        ranges.clear();
-        let result = match mem.take_dirty_ranges(|addr, len| ranges.push((addr, len))) {
-            Ok(pages) => self.send_ranges(mem, &ranges).map(|_| pages),
-            Err(e) => Err(e.into()),
-        };
-        if result.is_err() {
-            let _ = mem.restore_dirty_ranges(&ranges);
-        }
+        let result = harvest_and_send(mem, &mut ranges, |ranges| self.send_ranges(mem, ranges));
         self.ranges = ranges;
         result
     }

@@ -287,20 +287,8 @@ impl<W: Write> Sender<W> {
     /// A region without dirty tracking fails the call before anything is taken from any
     /// region; whatever a failing harvest did report is put back too.
     pub fn send_dirty<B: Bitmap + DirtyHarvest>(&mut self, mem: &GuestMemoryMmap<B>) -> Result<usize> {
-        // Every region must be able to report its pages before any region gives them up.
-        for region in mem.iter() {
-            region.bitmap().page_size()?;
-        }
         let mut ranges = std::mem::take(&mut self.ranges);
-        ranges.clear();
-        let result = match mem.take_dirty_ranges(|addr, len| ranges.push((addr, len))) {
-            Ok(pages) => self.send_ranges(mem, &ranges).map(|_| pages),
-            Err(e) => Err(e.into()),
-        };
-        if result.is_err() {
-            // The ranges came from this memory's harvest: putting them back cannot fail.
-            let _ = mem.restore_dirty_ranges(&ranges);
-        }
+        let result = harvest_and_send(mem, &mut ranges, |ranges| self.send_ranges(mem, ranges));
         self.ranges = ranges;
         result
     }
@@ -857,6 +845,31 @@ pub(super) fn check_range<M: GuestMemory + ?Sized>(mem: &M, addr: GuestAddress, 
     addr.0.checked_add(len).and_then(|e| e.checked_next_multiple_of(PAGE as u64)).ok_or_else(overflow)?;
     let n = usize::try_from(len).map_err(|_| overflow())?;
     mem.check_access(addr, n, false).map_err(|source| MigrationError::Memory { addr, len, source })
+}
+
+/// Takes `mem`'s dirty pages into `ranges` (cleared first) and hands them to `send`; returns
+/// the number of dirty pages harvested (in the bitmaps' page size). Every region must be able
+/// to report its pages before any region gives them up, and whatever was taken is put back if
+/// the harvest or `send` fails. Shared by [`Sender::send_dirty`] and
+/// [`MultiSender::send_dirty`](super::MultiSender::send_dirty).
+pub(crate) fn harvest_and_send<B: Bitmap + DirtyHarvest>(
+    mem: &GuestMemoryMmap<B>,
+    ranges: &mut Vec<(GuestAddress, u64)>,
+    send: impl FnOnce(&[(GuestAddress, u64)]) -> Result<u64>,
+) -> Result<usize> {
+    for region in mem.iter() {
+        region.bitmap().page_size()?;
+    }
+    ranges.clear();
+    let result = match mem.take_dirty_ranges(|addr, len| ranges.push((addr, len))) {
+        Ok(pages) => send(ranges).map(|_| pages),
+        Err(e) => Err(e.into()),
+    };
+    if result.is_err() {
+        // The ranges came from this memory's harvest: putting them back cannot fail.
+        let _ = mem.restore_dirty_ranges(ranges);
+    }
+    result
 }
 
 /// Every region of `mem` starts on a stream page, or the stream cannot carry it. (Its length

@@ -9,6 +9,17 @@ pub use guestmem_kvm_guest as kvm_guest;
 
 use std::path::PathBuf;
 
+/// A code loader for the test guests of `kvm_guest` that writes through the library (a host
+/// write, so its pages are host-dirty).
+pub fn loader<M: guestmem::Bytes<guestmem::GuestAddress, E: std::fmt::Display>>(
+    mem: &M,
+) -> impl FnMut(u64, &[u8]) -> Result<(), kvm_guest::GuestError> + '_ {
+    move |gpa, code| {
+        mem.write_slice(code, guestmem::GuestAddress(gpa))
+            .map_err(|e| kvm_guest::GuestError::Load { gpa, reason: e.to_string() })
+    }
+}
+
 /// Whether `resource` is listed in `GUESTMEM_REQUIRE`.
 fn required(resource: &str) -> bool {
     std::env::var("GUESTMEM_REQUIRE").is_ok_and(|v| v.split(',').any(|r| r.trim() == resource))
