@@ -84,10 +84,9 @@ impl Contents {
     /// Makes the source's zero pages untouched again (raw's reads map the shared zero page).
     fn reset(self, host: *mut u8, size: usize) {
         if self == Contents::OneInFourUntouched {
-            // Pages 1-3 of every 4.
+            // Pages 1-3 of every 4: offsets inside our mapping of `size` bytes.
             let ranges: Vec<(*mut u8, usize)> =
-                // SAFETY: inside our mapping of `size` bytes.
-                (0..size / PAGE / 4).map(|i| (unsafe { host.add((4 * i + 1) * PAGE) }, 3 * PAGE)).collect();
+                (0..size / PAGE / 4).map(|i| (host.wrapping_add((4 * i + 1) * PAGE), 3 * PAGE)).collect();
             drop_pages(&ranges);
         }
     }

@@ -852,7 +852,7 @@ pub(super) fn check_range<M: GuestMemory + ?Sized>(mem: &M, addr: GuestAddress, 
 /// to report its pages before any region gives them up, and whatever was taken is put back if
 /// the harvest or `send` fails. Shared by [`Sender::send_dirty`] and
 /// [`MultiSender::send_dirty`](super::MultiSender::send_dirty).
-pub(crate) fn harvest_and_send<B: Bitmap + DirtyHarvest>(
+pub(super) fn harvest_and_send<B: Bitmap + DirtyHarvest>(
     mem: &GuestMemoryMmap<B>,
     ranges: &mut Vec<(GuestAddress, u64)>,
     send: impl FnOnce(&[(GuestAddress, u64)]) -> Result<u64>,
